@@ -1,0 +1,29 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/flow run workflows/standard_pipeline.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check orchestrator jobs kernels tests bench
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check orchestrator jobs kernels tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/kernels.py
+
+clean:
+	rm -rf $(VENV) cryodag_project .pytest_cache

@@ -1,0 +1,62 @@
+"""The job contract (DESIGN.md §4): params model, typed slots, version, run function.
+
+A job module builds one `JobType` and the registry (`jobs.registry`) lists it. Jobs know
+nothing of Prefect or SQL: `run(params, inputs, ctx)` is callable from a plain script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.artifacts import Artifact
+
+if TYPE_CHECKING:
+    from jobs.context import JobContext
+
+
+class JobParams(BaseModel):
+    """Base of every job's parameters: frozen, unknown fields rejected; units in field names."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    seed: int = Field(0, description="Random seed; the same seed gives the same result")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """An input slot: the artifact kind it takes and what that artifact must provide."""
+
+    kind: type[Artifact]
+    requires: frozenset[str] = frozenset()
+    optional: bool = False
+    help: str = ""
+
+    def kind_name(self) -> str:
+        return self.kind.model_fields["kind"].default
+
+
+RunFn = Callable[[JobParams, Mapping[str, Artifact], "JobContext"], Mapping[str, Artifact]]
+
+
+@dataclass(frozen=True)
+class JobType:
+    """Everything the orchestrator needs to know about one job type."""
+
+    name: str
+    params: type[JobParams]
+    inputs: Mapping[str, Slot]
+    outputs: Mapping[str, type[Artifact]]
+    version: int
+    run: RunFn
+    summary: str = ""
+    #: Output slot -> capabilities the output provides beyond its input's (for validation).
+    adds: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: Output slot -> input slot whose capabilities it passes through.
+    passes: Mapping[str, str] = field(default_factory=dict)
+    gpu: bool = False
+
+    def output_kind(self, slot: str) -> str:
+        return self.outputs[slot].model_fields["kind"].default

@@ -1,0 +1,142 @@
+"""Array backend selection: CuPy on a usable GPU, NumPy otherwise.
+
+``CRYODAG_BACKEND=numpy|cupy`` overrides the automatic choice; asking for ``cupy`` when
+CuPy or a GPU is unavailable raises ``RuntimeError``.
+
+TF32 policy (algorithms.md §10.8): float32 GEMMs must not run in TF32. Before CuPy is
+imported this module sets ``NVIDIA_TF32_OVERRIDE=0`` (disables TF32 in cuBLAS/cuFFT/cuDNN)
+and ``CUPY_TF32=0`` (CuPy only selects the TF32 cuBLAS compute type when it is > 0). If
+CuPy was already imported with ``CUPY_TF32`` set to a non-zero value, selecting the CuPy
+backend raises ``RuntimeError`` instead of silently computing in TF32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+_ENV = "CRYODAG_BACKEND"
+
+
+def _disable_tf32() -> None:
+    """Force TF32 off for NVIDIA libraries and CuPy (must run before CuPy is imported)."""
+    if "cupy" in sys.modules and os.environ.get("CUPY_TF32", "0") not in ("", "0"):
+        raise RuntimeError(
+            "CuPy was imported with CUPY_TF32 enabled; float32 GEMMs would run in TF32. "
+            "Unset CUPY_TF32 before importing CuPy."
+        )
+    os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
+    os.environ["CUPY_TF32"] = "0"
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_or_reason() -> tuple[ModuleType | None, str]:
+    """Import CuPy if it is installed and sees at least one device; else (None, reason)."""
+    _disable_tf32()
+    try:
+        import cupy
+    except ImportError as exc:
+        return None, f"CuPy is not importable ({exc})"
+    try:
+        n_devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver/runtime errors have several types
+        return None, f"CuPy found no usable CUDA device ({exc})"
+    if n_devices < 1:
+        return None, "CuPy found no CUDA device"
+    return cupy, ""
+
+
+def cupy_available() -> bool:
+    """True when CuPy is importable and a CUDA device is usable."""
+    return _cupy_or_reason()[0] is not None
+
+
+def name() -> str:
+    """Selected backend: "numpy" or "cupy" (env CRYODAG_BACKEND overrides)."""
+    requested = os.environ.get(_ENV, "").strip().lower()
+    if requested == "numpy":
+        return "numpy"
+    if requested == "cupy":
+        cupy, reason = _cupy_or_reason()
+        if cupy is None:
+            raise RuntimeError(f"{_ENV}=cupy requested but unavailable: {reason}")
+        return "cupy"
+    if requested:
+        raise RuntimeError(f"{_ENV} must be 'numpy' or 'cupy', got {requested!r}")
+    return "cupy" if cupy_available() else "numpy"
+
+
+def get_xp() -> ModuleType:
+    """Array module of the selected backend (numpy or cupy)."""
+    if name() == "cupy":
+        return _cupy_or_reason()[0]
+    return np
+
+
+def _is_cupy_array(a: Any) -> bool:
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def xp_of(*arrays: Any) -> ModuleType:
+    """Array module of the given arrays: cupy if any of them is a CuPy array, else numpy."""
+    for a in arrays:
+        if _is_cupy_array(a):
+            return sys.modules["cupy"]
+    return np
+
+
+def to_host(a: Any) -> np.ndarray:
+    """Copy (if needed) to a NumPy array on the host."""
+    if _is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def to_device(a: Any, xp: ModuleType | None = None) -> Any:
+    """Array on the backend ``xp`` (default: the selected backend)."""
+    xp = get_xp() if xp is None else xp
+    if xp is np:
+        return to_host(a)
+    return xp.asarray(a)
+
+
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def memory_budget_bytes(fraction: float = 0.25) -> int:
+    """``fraction`` of free GPU memory (cupy backend) or of available RAM (numpy backend)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if name() == "cupy":
+        cupy = _cupy_or_reason()[0]
+        free, _total = cupy.cuda.Device().mem_info
+        # memory cached by CuPy's pool is reusable by this process
+        free += cupy.get_default_memory_pool().free_bytes()
+    else:
+        free = _available_ram_bytes()
+    return int(free * fraction)
+
+
+def batch_size_for(
+    bytes_per_item: int, fraction: float = 0.25, minimum: int = 1, maximum: int | None = None
+) -> int:
+    """Items per batch fitting in memory_budget_bytes(fraction), clipped to [minimum, maximum]."""
+    if bytes_per_item <= 0:
+        raise ValueError(f"bytes_per_item must be positive, got {bytes_per_item}")
+    n = memory_budget_bytes(fraction) // int(bytes_per_item)
+    if maximum is not None:
+        n = min(n, maximum)
+    return int(max(n, minimum))
