@@ -154,7 +154,7 @@ class Band:
         return out.reshape(*lead, self.D, self.D // 2 + 1)
 
 
-def _spatial_ndim(x: Any, ndim: int | None) -> int:
+def spatial_ndim(x: Any, ndim: int | None) -> int:
     """2 for image stacks (..., D, D); 3 for a cubic (D, D, D) volume unless ndim says otherwise."""
     if ndim is not None:
         if ndim not in (2, 3):
@@ -190,14 +190,14 @@ def fourier_crop(x: Any, D_new: int, ndim: int | None = None) -> Any:
     """
     if D_new > x.shape[-1]:
         raise ValueError("fourier_crop needs D_new <= D; use fourier_pad")
-    return _resample(x, D_new, _spatial_ndim(x, ndim))
+    return _resample(x, D_new, spatial_ndim(x, ndim))
 
 
 def fourier_pad(x: Any, D_new: int, ndim: int | None = None) -> Any:
     """Upsample real images (..., D, D) or a volume (D, D, D) to D_new by Fourier zero-padding."""
     if D_new < x.shape[-1]:
         raise ValueError("fourier_pad needs D_new >= D; use fourier_crop")
-    return _resample(x, D_new, _spatial_ndim(x, ndim))
+    return _resample(x, D_new, spatial_ndim(x, ndim))
 
 
 def shift_phase(
@@ -285,7 +285,7 @@ def lowpass(x: Any, res_px_radius: float, edge_px: float = 2, ndim: int | None =
     """Low-pass real images (..., D, D) or a volume (D, D, D) at Fourier radius ``res_px_radius``
     (Fourier pixels of this box), raised-cosine edge of ``edge_px`` beyond it."""
     xp = xp_of(x)
-    nd = _spatial_ndim(x, ndim)
+    nd = spatial_ndim(x, ndim)
     filt = _raised_cosine(_radius_half(x.shape[-1], nd, xp), res_px_radius, edge_px, xp)
     return _filter_half(x, filt, nd)
 
@@ -293,7 +293,7 @@ def lowpass(x: Any, res_px_radius: float, edge_px: float = 2, ndim: int | None =
 def bfactor(x: Any, B: float, pixel_size: float, ndim: int | None = None) -> Any:
     """Apply exp(-B s^2 / 4) (s in 1/Å, B in Å^2; negative B sharpens) to images or a volume."""
     xp = xp_of(x)
-    nd = _spatial_ndim(x, ndim)
+    nd = spatial_ndim(x, ndim)
     D = x.shape[-1]
     s = _radius_half(D, nd, xp) / (D * pixel_size)
     return _filter_half(x, xp.exp(-B * s**2 / 4.0), nd)
