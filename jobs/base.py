@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 class JobParams(BaseModel):
     """Base of every job's parameters: frozen, unknown fields rejected; units in field names."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     seed: int = Field(0, description="Random seed; the same seed gives the same result")
 
 

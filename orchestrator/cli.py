@@ -21,8 +21,8 @@ from rich.table import Table
 from orchestrator.errors import UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 STATE = {"debug": False}
 
 ProjectOpt = Annotated[
@@ -143,7 +143,7 @@ def run(
     err.print(table)
     for j in (store.job(wf.nodes[n].key) for n in wf.order):
         if j is not None and j.status == "failed" and j.error:
-            err.print(f"[red]error[/] in job '{j.name}': {j.error}")
+            print(f"error in job '{j.name}': {j.error}", file=sys.stderr)
     raise typer.Exit(code)
 
 
@@ -354,17 +354,17 @@ def main() -> None:
     """Entry point of the `flow` console script."""
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except UsageError as exc:
         if debug:
             raise
         for p in exc.problems:
-            err.print(f"[red]error:[/] {p}", highlight=False)
+            print(f"error: {p}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.BadParameter, typer.Abort) as exc:
-        err.print(f"[red]error:[/] {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:  # click usage errors and anything unexpected
         import click
@@ -374,5 +374,6 @@ def main() -> None:
             sys.exit(2)
         if debug:
             raise
-        err.print(f"[red]error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+        print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -117,7 +117,8 @@ def job_task(
         create_markdown_artifact(markdown=job_markdown(store, node.key), key=_artifact_key(name, "summary"))
         if SINK is not None:
             SINK.line(f"[red]failed[/] {name}: {exc}")
-        raise
+        log.error("job %s failed: %s", name, exc)
+        return Failed(message=str(exc))
     store.set_task_run_id(node.key, str(ctx.task_run.id))
     create_markdown_artifact(
         markdown=job_markdown(store, node.key, events.plots),
@@ -203,19 +204,21 @@ def run(
           return_state=True)
     finally:
         SINK = None
-    ok = state.is_completed()
+    jobs = {n: store.job(wf.nodes[n].key) for n in wf.order if n in selected}
+    ok = state.is_completed() and all(j is not None and j.status == "done" for j in jobs.values())
     store.end_run(run_id, "completed" if ok else "failed")
     recorded = {rj.name for rj in store.run_jobs(run_id)}
-    for name in wf.order:
-        if name in selected and name not in recorded:
-            if store.job(wf.nodes[name].key) is not None:
-                store.record_run_job(run_id, wf.nodes[name].key, name, "not run", ["an upstream job failed"])
-            else:
-                store.add_event("job_not_run", f"{name}: an upstream job failed", run_id)
+    for name, job in jobs.items():
+        if name in recorded:
+            continue
+        if job is not None:
+            store.record_run_job(run_id, job.key, name, "not run", ["an upstream job failed"])
+        else:
+            store.add_event("job_not_run", f"{name}: an upstream job failed", run_id)
     if ok:
         return 0
     input_errors = [
-        j for j in (store.job(wf.nodes[n].key) for n in selected) if j is not None
-        and j.status == "failed" and (j.error or "").startswith(INPUT_ERROR_PREFIX)
+        j for j in jobs.values()
+        if j is not None and j.status == "failed" and (j.error or "").startswith(INPUT_ERROR_PREFIX)
     ]
     return 2 if input_errors else 1

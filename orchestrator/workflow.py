@@ -131,10 +131,10 @@ def _suggest(word: str, options: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _pydantic_problems(prefix: str, err: ValidationError) -> list[str]:
+def _pydantic_problems(prefix: str, err: ValidationError, field_prefix: str = "") -> list[str]:
     problems = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = field_prefix + ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -223,7 +223,7 @@ def load(
         try:
             params = jt.params.model_validate(merged)
         except ValidationError as err:
-            problems.extend(_pydantic_problems(f"{where}params: ", err))
+            problems.extend(_pydantic_problems(where, err, "params."))
             continue
         inputs: dict[str, InputRef] = {}
         for slot, ref in entry.inputs.items():

@@ -31,9 +31,10 @@ def _write(ctx: JobContext, text: str, count: int) -> ParticleSet:
 
 def run_make(params: MakeParams, inputs: dict, ctx: JobContext) -> dict:
     (ctx.work_dir / "child.pid").write_text(str(os.getpid()))
-    steps = max(1, int(params.sleep_s / 0.05))
+    sleep_s = params.sleep_s + float(os.environ.get("TOY_EXTRA_SLEEP_S", "0"))
+    steps = max(1, int(sleep_s / 0.05))
     for i in range(steps):
-        if params.sleep_s:
+        if sleep_s:
             time.sleep(0.05)
         ctx.progress("iterations", i + 1, steps)
     if params.fail:
