@@ -221,7 +221,10 @@ class Store:
 
     # -- lineage ---------------------------------------------------------------------------
     def lineage(self, key: str, down: bool = False) -> list[tuple[str, str, int]]:
-        """(job key, via slot, depth) of every ancestor (or descendant) job, by recursive query."""
+        """(job key, via slot, depth) of every ancestor (or descendant) job, by recursive query.
+
+        A job reached along several paths is listed once, at its smallest depth.
+        """
         if down:
             step = """SELECT ji.job_key, ji.slot, l.depth + 1 FROM job_inputs ji
                       JOIN artifacts a ON a.key = ji.artifact_key JOIN lineage l ON a.job_key = l.key"""
@@ -232,7 +235,7 @@ class Store:
             f"""WITH RECURSIVE lineage(key, slot, depth) AS (
                     SELECT :key, '', 0 UNION {step})
                 SELECT key, slot, MIN(depth) FROM lineage WHERE depth > 0
-                GROUP BY key, slot ORDER BY MIN(depth), key"""
+                GROUP BY key ORDER BY MIN(depth), key"""
         )
         with self.engine.connect() as conn:
             return [(r[0], r[1], r[2]) for r in conn.execute(sql, {"key": key})]
