@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def running_ui(project: Path) -> str | None:
 
 
 def configure(project: Path) -> None:
+    """Set Prefect's environment for runs of `project` (call before importing prefect)."""
+    if sys.stderr.isatty():
+        # the terminal shows Rich progress bars; Prefect's INFO lines still reach the UI
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
