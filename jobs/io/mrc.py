@@ -101,6 +101,24 @@ class StackReader:
             self._open.popitem()[1].close()
 
 
+MRC_LABEL = b"cryodag"
+
+
+def fix_label(path: Path) -> None:
+    """Replace mrcfile's creation-time label: the same data give the same bytes."""
+    with mrcfile.mmap(path, mode="r+") as mrc:
+        mrc.header.label[0] = MRC_LABEL
+        mrc.header.nlabl = 1
+
+
+def write_mrc(path: Path, data: np.ndarray, voxel_size_A: float) -> None:
+    """Write a map, image or stack as float32 MRC with its voxel size (reproducible bytes)."""
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+        mrc.voxel_size = voxel_size_A
+    fix_label(path)
+
+
 class StackWriter:
     """Writes an (n, D, D) float32 MRC stack batch by batch (plain file writes, no mapping).
 
@@ -167,3 +185,5 @@ class StackWriter:
             mrc.header.rms = np.sqrt(max(self._sumsq / count - mean * mean, 0.0))
             mrc.header.dmin = self._min if self._next else 0.0
             mrc.header.dmax = self._max if self._next else 0.0
+            mrc.header.label[0] = MRC_LABEL
+            mrc.header.nlabl = 1

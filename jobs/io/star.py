@@ -210,8 +210,16 @@ def parse_image_names(tables: ParticleTables) -> tuple[np.ndarray, np.ndarray]:
     return index, paths
 
 
+STAR_STAMP = "# Created by the starfile Python package"
+
+
+def write_star(path: Path, blocks: dict[str, pd.DataFrame] | pd.DataFrame) -> None:
+    """starfile.write without its time-stamped comment: the same tables give the same bytes."""
+    starfile.write(blocks, path, float_format="%.6f")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(ln for ln in lines if not ln.startswith(STAR_STAMP)))
+
+
 def write_particles_star(path: Path, tables: ParticleTables) -> None:
     """Write RELION 3.1 STAR (data_optics + data_particles)."""
-    starfile.write(
-        {"optics": tables.optics, "particles": tables.particles}, path, float_format="%.6f"
-    )
+    write_star(path, {"optics": tables.optics, "particles": tables.particles})
