@@ -1,16 +1,19 @@
-"""import_particles (particle mode): RELION STAR / cryoSPARC .cs + MRC stacks -> ParticleSet.
+"""import_particles: RELION STAR / cryoSPARC .cs + MRC stacks, or micrographs + coordinates
+(extraction, jobs.extraction) -> ParticleSet.
 
 algorithms.md §2. Everything cheap is checked before any output is written (columns,
-optics values, stack files, indices, box sizes, pixel sizes from the MRC headers); NaN/Inf
-pixels are checked per batch while streaming. Each error is a JobInputError naming the
-file and the STAR/.cs row (1-based). Images are streamed: read through memory maps,
-optionally contrast-inverted, Fourier-cropped to `box_crop`, then normalised (background
-outside a circle: mean 0, std 1), and written to float32 stacks batch by batch.
+optics values, stack or micrograph files, indices, coordinates, box sizes, pixel sizes from
+the MRC headers); NaN/Inf pixels are checked per batch while streaming. Each error is a
+JobInputError naming the file and the STAR/.cs row (1-based). Images are streamed: read
+through memory maps (stacks, or one micrograph at a time), optionally contrast-inverted,
+Fourier-cropped to `box_crop`, then normalised (background outside a circle: mean 0, std 1),
+and written to float32 stacks batch by batch. The demo source simulates the `demo` preset
+(jobs.simulated_dataset) into the job directory and extracts it from its micrographs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +26,7 @@ from jobs.artifacts import ParticleSet
 from jobs.base import JobParams, JobType
 from jobs.context import JobContext
 from jobs.errors import JobInputError
+from jobs.extraction import iter_boxes, plan_extraction, read_coordinates, read_micrographs
 from jobs.io.cs import read_particles_cs
 from jobs.io.mrc import StackHeader, StackReader, read_stack_header
 from jobs.io.star import (
@@ -45,11 +49,25 @@ NORM_DIAMETER_FRACTION = 0.75
 class Params(JobParams):
     """Particle import. Paths are absolute or relative to the project directory."""
 
-    source: Literal["star", "cs", "demo"] = Field(
-        "star", description="star: RELION STAR; cs: cryoSPARC .cs; demo: simulated demo dataset"
+    source: Literal["star", "cs", "micrographs", "demo"] = Field(
+        "star",
+        description="star: RELION STAR; cs: cryoSPARC .cs; micrographs: extract from "
+        "micrographs; demo: simulate the demo dataset and extract it from its micrographs",
     )
     star_path: str | None = Field(None, description="RELION particle STAR (source star)")
     cs_path: str | None = Field(None, description="cryoSPARC particle .cs (source cs)")
+    micrographs_star: str | None = Field(
+        None, description="Micrographs STAR with per-micrograph CTF (source micrographs)"
+    )
+    coords: str | None = Field(
+        None,
+        description="Coordinate STAR files (a glob, <micrograph stem>_<suffix>.star) or a "
+        "particles STAR with rlnMicrographName/rlnCoordinateX/Y (source micrographs)",
+    )
+    extract_box: int | None = Field(
+        None, ge=8, description="Extraction box, px at the micrograph pixel size (source "
+        "micrographs; demo: the simulated box by default)"
+    )
     root: str | None = Field(
         None, description="Directory image paths are relative to (default: the metadata file's)"
     )
@@ -71,52 +89,88 @@ class Params(JobParams):
 
     @model_validator(mode="after")
     def _check(self) -> Params:
-        wanted = {"star": "star_path", "cs": "cs_path"}.get(self.source)
-        for field in ("star_path", "cs_path"):
+        needs = {"star": ("star_path",), "cs": ("cs_path",),
+                 "micrographs": ("micrographs_star", "coords", "extract_box")}
+        allowed = {**needs, "demo": ("extract_box",)}[self.source]
+        for field in ("star_path", "cs_path", "micrographs_star", "coords", "extract_box"):
             given = getattr(self, field) is not None
-            if field == wanted and not given:
+            if field in needs.get(self.source, ()) and not given:
                 raise ValueError(f"source '{self.source}' needs {field}")
-            if field != wanted and given:
+            if field not in allowed and given:
                 raise ValueError(f"{field} is not used with source '{self.source}'")
-        if self.box_crop is not None and self.box_crop % 2:
-            raise ValueError(f"box_crop must be even, got {self.box_crop}")
+        for field in ("box_crop", "extract_box"):
+            value = getattr(self, field)
+            if value is not None and value % 2:
+                raise ValueError(f"{field} must be even, got {value}")
         return self
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """What the validated input looks like: per-particle image locations, sizes, pixel sizes."""
+class _Source:
+    """Validated input: output metadata, raw image batches and a message label per particle."""
 
-    paths: np.ndarray  # (N,) absolute stack path (str)
-    index: np.ndarray  # (N,) 0-based image index
+    tables: ParticleTables
     box: int
     pixel_size: float  # Å/px of the input images
-    out_box: int
-    out_pixel_size: float
+    batches: Callable[[], Iterator[tuple[int, np.ndarray]]]  # (first row, float32 (B, box, box))
+    where: Callable[[int], str]  # particle row (0-based) -> '<image>, (<file>, row k)'
 
 
-def _read_source(params: Params, ctx: JobContext) -> tuple[ParticleTables, Path]:
-    """Metadata of the chosen source and the directory its image paths are relative to."""
-    defaults = OpticsDefaults(
+def _defaults(params: Params) -> OpticsDefaults:
+    return OpticsDefaults(
         pixel_size_A=params.pixel_size_A,
         voltage_kv=params.voltage_kv,
         cs_mm=params.cs_mm,
         amplitude_contrast=params.amplitude_contrast,
     )
+
+
+def _stack_source(params: Params, ctx: JobContext) -> _Source:
+    """Particle mode: metadata (STAR or .cs) and stacks, validated (headers only)."""
+    if params.source == "cs":
+        path = ctx.resolve(params.cs_path or "")
+        tables = read_particles_cs(path, _defaults(params))
+    else:
+        path = ctx.resolve(params.star_path or "")
+        tables = read_particles_star(path, _defaults(params))
+    root = ctx.resolve(params.root) if params.root else path.parent
+    paths, index, box, pixel_size = _plan(tables, root)
+
+    def batches() -> Iterator[tuple[int, np.ndarray]]:
+        with StackReader() as reader:
+            for start in range(0, len(tables), params.batch_size):
+                stop = min(start + params.batch_size, len(tables))
+                yield start, reader.gather(paths[start:stop], index[start:stop])
+
+    return _Source(tables, box, pixel_size, batches,
+                   lambda i: f"{paths[i]}, image {index[i] + 1} ({tables.row(i)})")
+
+
+def _micrograph_source(params: Params, ctx: JobContext) -> _Source:
+    """Micrograph mode (and demo): micrographs, coordinates and CTF, validated (headers only)."""
     if params.source == "demo":
         from jobs.simulated_dataset import write_preset
 
         info = write_preset("demo", ctx.work_dir / "demo_source", params.seed)
-        path = Path(info["particles_star"])
-        tables = read_particles_star(path, defaults)
-    elif params.source == "cs":
-        path = ctx.resolve(params.cs_path or "")
-        tables = read_particles_cs(path, defaults)
+        star, root = Path(info["micrographs_star"]), Path(info["out_dir"])
+        coords = str(root / "Micrographs" / "*_pick.star")
+        box = params.extract_box or int(info["box"])
     else:
-        path = ctx.resolve(params.star_path or "")
-        tables = read_particles_star(path, defaults)
-    root = ctx.resolve(params.root) if params.root else path.parent
-    return tables, root
+        star = ctx.resolve(params.micrographs_star or "")
+        root = ctx.resolve(params.root) if params.root else star.parent
+        coords, box = params.coords or "", params.extract_box or 0
+    mics = read_micrographs(star, root, _defaults(params))
+    ex = plan_extraction(mics, *read_coordinates(coords, ctx.project_dir, mics), box)
+    ctx.metric("skipped_at_edge", ex.skipped)
+    if ex.skipped:
+        ctx.log.warning(f"skipped {ex.skipped} particles whose {box} px box crosses the edge "
+                        "of its micrograph")
+    if len(ex.tables) == 0:
+        raise JobInputError(f"{coords}: no particle box lies inside its micrograph "
+                            f"(extract_box {box} px, {ex.skipped} skipped at the edge)")
+    ctx.metric("micrographs", ex.picked_micrographs)
+    return _Source(ex.tables, box, ex.pixel_size, lambda: iter_boxes(ex, params.batch_size),
+                   lambda i: f"{ex.files[ex.mic[i]]} ({ex.labels[i]})")
 
 
 def _check_values(tables: ParticleTables) -> None:
@@ -152,8 +206,11 @@ def _read_headers(
     return headers
 
 
-def _plan(tables: ParticleTables, root: Path, params: Params) -> _Plan:
-    """Validate metadata and stacks (headers only) before anything is written."""
+def _plan(tables: ParticleTables, root: Path) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """Validate metadata and stacks (headers only) before anything is written.
+
+    Returns each particle's stack path (N,) and 0-based index (N,), the box and pixel size.
+    """
     if len(tables) == 0:
         raise JobInputError(f"{tables.source}: no particles")
     _check_values(tables)
@@ -201,17 +258,7 @@ def _plan(tables: ParticleTables, root: Path, params: Params) -> _Plan:
                 f"{tables.row(int(rows[0]))}: pixel size {pixel[rows[0]]:g} Å in the metadata but "
                 f"{h.voxel_size_A:g} Å in the header of {h.path}"
             )
-    out_box = params.box_crop or box
-    if out_box > box:
-        raise JobInputError(f"box_crop {out_box} is larger than the particle box {box}")
-    return _Plan(
-        paths=paths,
-        index=index,
-        box=box,
-        pixel_size=float(pixel[0]),
-        out_box=out_box,
-        out_pixel_size=float(pixel[0]) * box / out_box,
-    )
+    return paths, index, box, float(pixel[0])
 
 
 def background_mask(box: int, pixel_size: float, diameter_A: float | None) -> np.ndarray:
@@ -241,7 +288,8 @@ def normalize_background(images: Any, background: Any) -> tuple[Any, Any]:
 
 
 def _images(
-    tables: ParticleTables, plan: _Plan, params: Params, ctx: JobContext, first: list[np.ndarray]
+    source: _Source, params: Params, out_box: int, out_pixel_size: float, ctx: JobContext,
+    first: list[np.ndarray],
 ) -> Iterator[np.ndarray]:
     """Stream processed batches (float32 (B, out_box, out_box)) in particle order.
 
@@ -251,40 +299,34 @@ def _images(
     background = None
     if params.normalize:
         background = to_device(
-            background_mask(plan.out_box, plan.out_pixel_size, params.norm_diameter_A), xp
+            background_mask(out_box, out_pixel_size, params.norm_diameter_A), xp
         )
-    n = len(tables)
-    with StackReader() as reader:
-        for start in range(0, n, params.batch_size):
-            ctx.check_cancelled()
-            stop = min(start + params.batch_size, n)
-            raw = reader.gather(plan.paths[start:stop], plan.index[start:stop])
-            bad = ~np.isfinite(raw).all(axis=(1, 2))
-            if bad.any():
-                i = start + int(np.flatnonzero(bad)[0])
+    n = len(source.tables)
+    for start, raw in source.batches():
+        ctx.check_cancelled()
+        bad = ~np.isfinite(raw).all(axis=(1, 2))
+        if bad.any():
+            raise JobInputError(
+                f"{source.where(start + int(np.flatnonzero(bad)[0]))}: NaN or Inf pixels"
+            )
+        x = to_device(raw, xp)
+        if params.invert_contrast:
+            x = -x
+        if out_box != source.box:
+            x = fourier_crop(x, out_box, ndim=2)
+        if background is not None:
+            x, std = normalize_background(x, background)
+            flat = to_host(std) == 0
+            if flat.any():
                 raise JobInputError(
-                    f"{plan.paths[i]}, image {plan.index[i] + 1} ({tables.row(i)}): "
-                    "NaN or Inf pixels"
+                    f"{source.where(start + int(np.flatnonzero(flat)[0]))}: "
+                    "constant background, cannot normalise"
                 )
-            x = to_device(raw, xp)
-            if params.invert_contrast:
-                x = -x
-            if plan.out_box != plan.box:
-                x = fourier_crop(x, plan.out_box, ndim=2)
-            if background is not None:
-                x, std = normalize_background(x, background)
-                flat = to_host(std) == 0
-                if flat.any():
-                    i = start + int(np.flatnonzero(flat)[0])
-                    raise JobInputError(
-                        f"{plan.paths[i]}, image {plan.index[i] + 1} ({tables.row(i)}): "
-                        "constant background, cannot normalise"
-                    )
-            out = to_host(x).astype(np.float32, copy=False)
-            if not first:
-                first.append(out[:16].copy())
-            ctx.progress("import", stop, n)
-            yield out
+        out = to_host(x).astype(np.float32, copy=False)
+        if not first:
+            first.append(out[:16].copy())
+        ctx.progress("import", start + len(out), n)
+        yield out
 
 
 def _montage(ctx: JobContext, images: np.ndarray) -> None:
@@ -301,21 +343,26 @@ def _montage(ctx: JobContext, images: np.ndarray) -> None:
 
 
 def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, ParticleSet]:
-    tables, root = _read_source(params, ctx)
-    plan = _plan(tables, root, params)
+    stacks = params.source in ("star", "cs")
+    source = _stack_source(params, ctx) if stacks else _micrograph_source(params, ctx)
+    tables = source.tables
+    out_box = params.box_crop or source.box
+    if out_box > source.box:
+        raise JobInputError(f"box_crop {out_box} is larger than the particle box {source.box}")
+    out_pixel_size = source.pixel_size * source.box / out_box
     p = tables.particles
     if "rlnAnglePsi" in p:
         for col in ("rlnOriginXAngst", "rlnOriginYAngst"):
             if col not in p:
                 p[col] = 0.0
     ctx.log.info(
-        f"importing {len(tables)} particles from {tables.source}: box {plan.box} px, "
-        f"{plan.pixel_size:g} Å/px -> box {plan.out_box} px, {plan.out_pixel_size:g} Å/px"
+        f"importing {len(tables)} particles from {tables.source}: box {source.box} px, "
+        f"{source.pixel_size:g} Å/px -> box {out_box} px, {out_pixel_size:g} Å/px"
     )
     first: list[np.ndarray] = []
     particles = write_particle_set(
-        ctx, "particles", tables, _images(tables, plan, params, ctx, first),
-        plan.out_box, plan.out_pixel_size,
+        ctx, "particles", tables, _images(source, params, out_box, out_pixel_size, ctx, first),
+        out_box, out_pixel_size,
     )
     ctx.metric("particles", len(tables))
     if first:
@@ -328,8 +375,9 @@ JOB = JobType(
     params=Params,
     inputs={},
     outputs={"particles": ParticleSet},
-    version=1,
+    version=2,
     run=run,
-    summary="Import RELION STAR / cryoSPARC .cs particles and their MRC stacks as a ParticleSet",
-    adds={"particles": frozenset({"ctf"})},
+    summary="Import RELION STAR / cryoSPARC .cs particles and their MRC stacks, or extract "
+    "particles from micrographs with coordinates and CTF, as a ParticleSet",
+    adds={"particles": frozenset({"ctf", "coordinates"})},
 )

@@ -278,12 +278,16 @@ def test_fourier_crop(tmp_path, run_job, pio):
 
 
 def test_demo_source(tmp_path, run_job):
-    """The demo dataset is simulated inside the job directory and imported from there."""
+    """The demo dataset is simulated inside the job directory and extracted from its
+    micrographs with its pick files (no poses carried over from the truth)."""
     ps = run_job(JOB, {"source": "demo", "seed": 1}, name="demo")["particles"]
     source = starfile.read(tmp_path / "jobs/demo/demo_source/particles.star")["particles"]
-    assert ps.count == len(source) > 0 and "ctf" in ps.provides
+    assert ps.count == len(source) > 0 and ps.provides == {"ctf", "coordinates"}
     parts = _star(ps, tmp_path)["particles"]
     np.testing.assert_allclose(parts["rlnDefocusU"], source["rlnDefocusU"], atol=1e-5)
+    assert (parts["rlnMicrographName"] == source["rlnMicrographName"]).all()
+    for col in ("rlnCoordinateX", "rlnCoordinateY"):
+        np.testing.assert_array_equal(parts[col], source[col])
     first = next(iter_batches(ps, tmp_path, 500))[1]
     assert first.shape == (500, ps.box, ps.box) and np.isfinite(first).all()
     mean, std = _background_stats(first, ps.box, 0.75 * ps.box / 2)
