@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +39,20 @@ class Slot:
         return self.kind.model_fields["kind"].default
 
 
+@dataclass(frozen=True)
+class Interaction:
+    """A human choice a job needs before it runs (Select 2D classes, for example).
+
+    `needs_input(params)` says whether the params still lack the choice; `form(params, inputs,
+    project_dir)` returns a pydantic model whose fields are the params to fill (with defaults
+    proposed from the inputs) and a markdown description (pictures as data URIs). The answer
+    becomes params, so it enters the job key and the provenance.
+    """
+
+    needs_input: Callable[[JobParams], bool]
+    form: Callable[[JobParams, Mapping[str, Artifact], Path], tuple[type[BaseModel], str]]
+
+
 RunFn = Callable[[JobParams, Mapping[str, Artifact], "JobContext"], Mapping[str, Artifact]]
 
 
@@ -57,6 +72,7 @@ class JobType:
     #: Output slot -> input slot whose capabilities it passes through.
     passes: Mapping[str, str] = field(default_factory=dict)
     gpu: bool = False
+    interaction: Interaction | None = None
 
     def output_kind(self, slot: str) -> str:
         return self.outputs[slot].model_fields["kind"].default

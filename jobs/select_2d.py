@@ -19,15 +19,19 @@ still match the particles) and cdagOriginalClassNumber.
 
 from __future__ import annotations
 
+import base64
+import io
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, field_validator, model_validator
 
 from jobs import plots2d
-from jobs.artifacts import ClassAverages2D, ParticleSet
-from jobs.base import JobParams, JobType, Slot
+from jobs.artifacts import Artifact, ClassAverages2D, ParticleSet
+from jobs.base import Interaction, JobParams, JobType, Slot
 from jobs.class_averages import (
     ClassAverages,
     class_counts,
@@ -121,13 +125,59 @@ def _rule_failures(
     return reasons
 
 
-def run(params: Params, inputs: dict, ctx: JobContext) -> dict:
-    particles: ParticleSet = inputs["particles"]
-    averages = read_class_averages(inputs["class_averages"], ctx.project_dir)
-    tables = read_tables(particles, ctx.project_dir)
+def _load(
+    inputs: Mapping[str, Artifact], project_dir: Path
+) -> tuple[ClassAverages, ParticleTables, np.ndarray, np.ndarray]:
+    """Class averages, particle tables, each particle's class and the class counts."""
+    averages = read_class_averages(inputs["class_averages"], project_dir)
+    tables = read_tables(inputs["particles"], project_dir)
+    cls = particle_classes(tables, averages.numbers)
+    return averages, tables, cls, class_counts(cls, averages.numbers)
+
+
+def _needs_input(params: Params) -> bool:
+    return params.mode == "interactive" and params.keep_classes is None
+
+
+def _selection_form(
+    params: Params, inputs: Mapping[str, Artifact], project_dir: Path
+) -> tuple[type[BaseModel], str]:
+    """The interactive form: keep_classes, proposed by the rules, and the montage to choose from."""
+    averages, tables, cls, counts = _load(inputs, project_dir)
     numbers = averages.numbers
-    cls = particle_classes(tables, numbers)
-    counts = class_counts(cls, numbers)
+    reasons = _rule_failures(params, averages, tables, cls, counts)
+    proposed = [int(k) for k, r in zip(numbers, reasons, strict=True) if not r]
+    res = averages.table.get("rlnEstimatedResolution")
+    fig = plots2d.class_montage(
+        averages.images, numbers, counts, None if res is None else res.to_numpy(float),
+        selected=[not r for r in reasons], title="Proposed by the rules (green)",
+    )
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80, bbox_inches="tight")
+    uri = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    res_text = [""] * len(numbers) if res is None else [f"{float(r):.1f}" for r in res]
+    rows = "\n".join(
+        f"| {k} | {c} | {res_text[j]} | {'; '.join(reasons[j]) or 'kept'} |"
+        for j, (k, c) in enumerate(zip(numbers, counts, strict=True))
+    )
+    description = (
+        f"### Select 2D classes\n\nEnter the class numbers to keep (1-based). The rules propose "
+        f"{proposed}.\n\n![classes]({uri})\n\n| class | particles | resolution (Å) | rules |\n"
+        f"|---|---|---|---|\n{rows}"
+    )
+    model = create_model(
+        "Select2DChoice",
+        keep_classes=(list[ClassNumber], Field(proposed, description="Class numbers to keep")),
+    )
+    return model, description
+
+
+def run(params: Params, inputs: dict, ctx: JobContext) -> dict:
+    if _needs_input(params):
+        raise JobInputError("mode interactive: keep_classes was never chosen (run through `flow run`)")
+    particles: ParticleSet = inputs["particles"]
+    averages, tables, cls, counts = _load(inputs, ctx.project_dir)
+    numbers = averages.numbers
 
     reasons = _rule_failures(params, averages, tables, cls, counts)
     kept = np.array([not r for r in reasons])
@@ -183,4 +233,5 @@ JOB = JobType(
     run=run,
     summary="Select 2D classes by lists and rules (size, resolution, class ESS)",
     passes={"particles": "particles", "rejected": "particles"},
+    interaction=Interaction(needs_input=_needs_input, form=_selection_form),
 )

@@ -81,13 +81,16 @@ def plan(
     json_: JsonOpt = False,
 ) -> None:
     """List every job with `run` or `reuse` and the reason."""
+    from orchestrator import choices
     from orchestrator import plan as planning
     from orchestrator import workflow as wfmod
     from orchestrator.store import Store
 
     wf = wfmod.load(workflow, set_ or [], project)
     _check_names(wf, force or [], "--force")
-    decisions = planning.plan(Store(wf.project), wf, set(force or []))
+    store = Store(wf.project)
+    wf = choices.load(workflow, set_ or [], project, store)
+    decisions = planning.plan(store, wf, set(force or []))
     if json_:
         _print_json([d.as_json() for d in decisions])
         return
@@ -135,7 +138,10 @@ def run(
 
     with TerminalProgress(err) as progress:
         code = runner.run(wf, sets=set_ or [], only=only or [], force=force or [], executor=spec, progress=progress)
+    from orchestrator import choices
+
     store = Store(wf.project)
+    wf = choices.load(workflow, set_ or [], project, store)
     run_row = store.runs(1)[0]
     table = Table("job", "action", "reasons", title=f"run {run_row.id}: {run_row.status}")
     for rj in sorted(store.run_jobs(run_row.id), key=lambda r: wf.order.index(r.name) if r.name in wf.order else 0):
@@ -145,6 +151,38 @@ def run(
         if j is not None and j.status == "failed" and j.error:
             print(f"error in job '{j.name}': {j.error}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+@app.command()
+def choose(
+    workflow: Path,
+    job: str,
+    values: Annotated[list[str], typer.Argument(help="PARAM=VALUE answers, e.g. keep_classes=[1,3,4]")],
+    set_: SetOpt = None,
+    project: ProjectOpt = None,
+) -> None:
+    """Record the answer of an interactive job (e.g. select_2d) without the Prefect UI.
+
+    Its inputs must exist (run the workflow up to it first); the answer becomes the job's params.
+    """
+    from orchestrator import choices
+    from orchestrator import workflow as wfmod
+    from orchestrator.store import Store
+
+    wf = wfmod.load(workflow, set_ or [], project)
+    _check_names(wf, [job], "JOB")
+    store = Store(wf.project)
+    wf = choices.load(workflow, set_ or [], project, store)
+    node = wf.nodes[job]
+    if node.job.interaction is None:
+        raise UsageError(f"job '{job}' ({node.type}) asks no questions")
+    missing = [str(node.inputs[s]) for s, k in node.input_keys.items() if store.artifact(k) is None]
+    if missing:
+        raise UsageError(f"job '{job}': inputs {missing} have no results yet; run the workflow with --only {job}")
+    answers = wfmod.parse_set([f"{job}.{v}" for v in values])[job]
+    wfmod.load(workflow, [*(set_ or []), *choices.as_sets(job, answers)], project)  # validates
+    store.record_choice(job, choices.inputs_digest(node), answers, "cli")
+    out.print(f"recorded for {job}: {answers}")
 
 
 def _job_json(store: Any, job: Any) -> dict[str, Any]:

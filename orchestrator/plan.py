@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator import files
+from orchestrator import choices, files
 from orchestrator.store import Store
 from orchestrator.workflow import Node, Workflow
 
@@ -116,6 +116,11 @@ def plan(store: Store, wf: Workflow, force: set[str] | None = None) -> list[Deci
     decisions: dict[str, Decision] = {}
     for name in wf.order:
         node = wf.nodes[name]
+        if choices.needs_choice(node):
+            decisions[name] = Decision(name, node.key, "run", [
+                "waits for a choice: the flow run pauses with a form in the Prefect UI"
+                " (or record it first with `flow choose`)"])
+            continue
         d = decide(store, wf, node, forced=name in force)
         if d.action == "reuse":
             pending = [up for up in sorted(wf.ancestors(name)) if decisions[up].action == "run"]

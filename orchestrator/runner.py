@@ -9,6 +9,7 @@ publishes a markdown artifact. The same flow runs on threads (local) or Dask (pr
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -20,30 +21,48 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
+from prefect.flow_runs import pause_flow_run
+from prefect.input.run_input import run_input_subclass_from_type
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from orchestrator import choices
 from orchestrator import plan as planning
-from orchestrator import workflow as wfmod
 from orchestrator.execute import JobError, execute
 from orchestrator.progress import TerminalProgress
 from orchestrator.reporting import job_markdown
 from orchestrator.store import Store
-from orchestrator.workflow import ExecutorSpec, Workflow
+from orchestrator.workflow import ExecutorSpec, Node, Workflow
 
 INPUT_ERROR_PREFIX = "bad input: "
+#: How long an interactive step waits for its answer in the Prefect UI (seconds).
+CHOICE_TIMEOUT_S = 7 * 24 * 3600
 #: Terminal progress of the current `flow run` (local executor only; None in Dask workers).
 SINK: TerminalProgress | None = None
-_CONTEXTS: dict[tuple[str, tuple[str, ...], str], tuple[Workflow, Store]] = {}
+_STORES: dict[str, Store] = {}
 
 
 def _context(workflow_path: str, sets: tuple[str, ...], project: str) -> tuple[Workflow, Store]:
-    """The workflow and store of this process (cached; Dask workers build their own)."""
-    key = (workflow_path, sets, project)
-    if key not in _CONTEXTS:
-        wf = wfmod.load(workflow_path, list(sets), project)
-        _CONTEXTS[key] = (wf, Store(wf.project))
-    return _CONTEXTS[key]
+    """The workflow (with the choices recorded so far) and the store of this process."""
+    if project not in _STORES:
+        _STORES[project] = Store(project)
+    store = _STORES[project]
+    return choices.load(workflow_path, list(sets), project, store), store
+
+
+def _ask(store: Store, node: Node) -> None:
+    """Pause the flow run with the job's form; record the answer as the job's choice."""
+    from jobs.artifacts import Artifact
+
+    inputs = {slot: Artifact.load(store.artifact(key).handle) for slot, key in node.input_keys.items()}
+    model, description = node.job.interaction.form(node.params, inputs, store.project_dir)
+    form = run_input_subclass_from_type(model).with_initial_data(description=description)
+    if SINK is not None:
+        SINK.line(f"[yellow]waiting[/] {node.name}: answer the form of the paused flow run in the Prefect UI")
+    answer = pause_flow_run(wait_for_input=form, timeout=CHOICE_TIMEOUT_S, poll_interval=2, key=node.name)
+    params = {k: v for k, v in answer.model_dump().items() if k in model.model_fields}
+    store.record_choice(node.name, choices.inputs_digest(node), params, "prefect-ui")
+    get_run_logger().info("%s: choice recorded: %s", node.name, params)
 
 
 def _artifact_key(name: str, suffix: str) -> str:
@@ -94,6 +113,18 @@ def job_task(
     """Reuse or run workflow job `name`; returns its output handles (small JSON dicts)."""
     wf, store = _context(workflow_path, sets, project)
     node = wf.nodes[name]
+    if choices.needs_choice(node):
+        if not os.environ.get("PREFECT_API_URL"):
+            message = (f"job '{name}' needs a choice, but no Prefect server is up to ask it: start "
+                       f"`flow ui` and rerun, or record it with `flow choose WORKFLOW {name} PARAM=VALUE`")
+            store.add_event("choice_needed", message, run_id)
+            get_run_logger().error(message)
+            if SINK is not None:
+                SINK.line(f"[red]failed[/] {message}")
+            return Failed(message=message)
+        _ask(store, node)
+        wf, store = _context(workflow_path, sets, project)
+        node = wf.nodes[name]
     log = get_run_logger()
     ctx = get_run_context()
     decision = planning.decide(store, wf, node, forced=forced)
@@ -204,6 +235,7 @@ def run(
           return_state=True)
     finally:
         SINK = None
+    wf = choices.load(wf.path, sets, wf.project, store)
     jobs = {n: store.job(wf.nodes[n].key) for n in wf.order if n in selected}
     ok = state.is_completed() and all(j is not None and j.status == "done" for j in jobs.values())
     store.end_run(run_id, "completed" if ok else "failed")

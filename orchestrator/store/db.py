@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from orchestrator.store.models import Artifact, Event, Job, JobInput, Metric, Run, RunJob
+from orchestrator.store.models import Artifact, Choice, Event, Job, JobInput, Metric, Run, RunJob
 
 DB_NAME = "provenance.sqlite"
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
@@ -218,6 +218,22 @@ class Store:
     def metrics_of(self, key: str) -> list[Metric]:
         with self.read() as s:
             return list(s.scalars(select(Metric).where(Metric.job_key == key).order_by(Metric.id)))
+
+    # -- interactive choices ---------------------------------------------------------------
+    def record_choice(self, name: str, inputs_digest: str, params: dict, source: str) -> None:
+        with self.write() as s:
+            s.add(Choice(job_name=name, inputs_digest=inputs_digest, params=params, source=source,
+                         created_at=now()))
+            s.add(Event(ts=now(), kind="choice", message=f"{name}: {params} ({source})"))
+
+    def choice(self, name: str, inputs_digest: str) -> dict | None:
+        """The latest choice recorded for job `name` given inputs with this digest."""
+        with self.read() as s:
+            row = s.scalars(
+                select(Choice).where(Choice.job_name == name, Choice.inputs_digest == inputs_digest)
+                .order_by(Choice.id.desc())
+            ).first()
+            return None if row is None else dict(row.params)
 
     # -- lineage ---------------------------------------------------------------------------
     def lineage(self, key: str, down: bool = False) -> list[tuple[str, str, int]]:

@@ -108,3 +108,15 @@ class Event(Base):
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"), nullable=True)
     job_key: Mapped[str | None] = mapped_column(ForeignKey("jobs.key"), nullable=True)
     message: Mapped[str] = mapped_column(Text, default="")
+
+
+class Choice(Base):
+    """A human choice (e.g. the classes kept in Select 2D) for a job given its inputs."""
+
+    __tablename__ = "choices"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_name: Mapped[str] = mapped_column(String, index=True)
+    inputs_digest: Mapped[str] = mapped_column(String)
+    params: Mapped[dict] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String)
+    created_at: Mapped[datetime] = mapped_column(DateTime)

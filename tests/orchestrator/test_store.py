@@ -28,10 +28,10 @@ def _finish(store: Store, key: str, inputs: list[str]) -> None:
 def test_schema_from_migration_with_wal_and_foreign_keys(tmp_path: Path) -> None:
     store = Store(tmp_path)
     db = sqlite3.connect(tmp_path / "provenance.sqlite")
-    assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+    assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"runs", "jobs", "run_jobs", "artifacts", "job_inputs", "metrics", "events"} <= tables
+    assert {"runs", "jobs", "run_jobs", "artifacts", "job_inputs", "metrics", "events", "choices"} <= tables
     with pytest.raises(IntegrityError):
         store.add_metric("no-such-job", "x", 1.0, 0)
     Store(tmp_path)  # reopening migrates nothing and keeps data

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field, create_model
 
 from jobs.artifacts import Mask, ParticleSet
-from jobs.base import JobParams, JobType, Slot
+from jobs.base import Interaction, JobParams, JobType, Slot
 from jobs.context import JobContext
 from jobs.errors import JobInputError
 
@@ -64,6 +66,21 @@ def run_mask(params: JobParams, inputs: dict, ctx: JobContext) -> dict:
     return {"mask": Mask(map=ctx.ref(p), box=8, pixel_size=1.0)}
 
 
+class PickParams(JobParams):
+    mode: Literal["auto", "interactive"] = "interactive"
+    keep: list[int] | None = None
+
+
+def _pick_form(params: PickParams, inputs: dict, project_dir: Path) -> tuple[type[BaseModel], str]:
+    value = float((project_dir / inputs["particles"].star).read_text().split()[0])
+    model = create_model("PickChoice", keep=(list[int], Field([1, 2], description="numbers to keep")))
+    return model, f"### Pick numbers\n\nupstream value {value}"
+
+
+def run_pick(params: PickParams, inputs: dict, ctx: JobContext) -> dict:
+    return {"particles": _write(ctx, f"{sum(params.keep or [])}\n", inputs["particles"].count)}
+
+
 MAKE = JobType("toy_make", MakeParams, {}, {"particles": ParticleSet}, 1, run_make,
                summary="toy source", adds={"particles": frozenset({"ctf"})})
 ADD = JobType("toy_add", AddParams, {"particles": Slot(ParticleSet, frozenset({"ctf"}))},
@@ -73,8 +90,12 @@ NEEDS_POSES = JobType("toy_needs_poses", AddParams,
                       {"particles": Slot(ParticleSet, frozenset({"alignments3D"}))},
                       {"particles": ParticleSet}, 1, run_add)
 
+PICK = JobType("toy_pick", PickParams, {"particles": Slot(ParticleSet)}, {"particles": ParticleSet}, 1,
+               run_pick, passes={"particles": "particles"}, interaction=Interaction(
+                   needs_input=lambda p: p.mode == "interactive" and p.keep is None, form=_pick_form))
+
 MODULES = ",".join(
     f"{name}=toy_jobs:{attr}"
     for name, attr in [("toy_make", "MAKE"), ("toy_add", "ADD"), ("toy_mask", "MASK"),
-                       ("toy_needs_poses", "NEEDS_POSES")]
+                       ("toy_needs_poses", "NEEDS_POSES"), ("toy_pick", "PICK")]
 )

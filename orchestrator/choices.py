@@ -1,0 +1,50 @@
+"""Interactive choices (Select 2D classes...): recorded in the store, applied as params.
+
+A job type with an `Interaction` asks for a choice when its params still lack it. The answer
+is stored for the job's name and the digest of its input keys, and every later load of the
+workflow applies it as `--set` values: it enters the job key and the provenance, and a rerun
+does not ask again unless the inputs changed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from orchestrator import workflow as wfmod
+from orchestrator.canonical import canonical_json, sha256_text
+from orchestrator.store import Store
+from orchestrator.workflow import Node, Workflow
+
+MAX_ROUNDS = 16
+
+
+def inputs_digest(node: Node) -> str:
+    return sha256_text(canonical_json(node.input_keys))
+
+
+def needs_choice(node: Node) -> bool:
+    return node.job.interaction is not None and node.job.interaction.needs_input(node.params)
+
+
+def as_sets(name: str, params: dict) -> list[str]:
+    return [f"{name}.{k}={json.dumps(v)}" for k, v in sorted(params.items())]
+
+
+def load(path: Path | str, sets: list[str], project: Path | str | None, store: Store) -> Workflow:
+    """The workflow with every recorded choice that matches its inputs applied."""
+    extra: list[str] = []
+    wf = wfmod.load(path, [*sets, *extra], project)
+    for _ in range(MAX_ROUNDS):
+        added = []
+        for name in wf.order:
+            node = wf.nodes[name]
+            if needs_choice(node):
+                chosen = store.choice(name, inputs_digest(node))
+                if chosen is not None:
+                    added += as_sets(name, chosen)
+        if not added:
+            break
+        extra += added
+        wf = wfmod.load(path, [*sets, *extra], project)
+    return wf
