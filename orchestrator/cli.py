@@ -350,7 +350,9 @@ def ui(
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
              "--port", str(port), "--analytics-off"],
-            stdout=log, stderr=log, env=os.environ.copy(), start_new_session=background,
+            stdout=log, stderr=log, start_new_session=background,
+            env={**os.environ, "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+                 "PREFECT_UI_API_URL": api},
         )
         deadline = time.monotonic() + 120
         while not prefect_env.server_healthy(api):

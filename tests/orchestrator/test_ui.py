@@ -23,6 +23,8 @@ def test_flow_ui_background_then_run_appears_in_it(flow_cli: Flow) -> None:
     assert f"http://127.0.0.1:{port}/runs" in r.out
     ui = json.loads((flow.cwd / "proj" / ".prefect" / "ui.json").read_text())
     try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as resp:
+            assert json.loads(resp.read())["api_url"] == ui["api_url"], "the UI would call another server"
         r = flow("run", "wf.yaml")
         assert r.code == 0, r.err[-2000:]
         flow_run_id = Store(flow.cwd / "proj").runs(1)[0].prefect_flow_run_id
