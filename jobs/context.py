@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jobs.artifacts import resolve
 from jobs.errors import JobCancelled
 
 if TYPE_CHECKING:
@@ -79,8 +80,7 @@ class JobContext:
 
     def resolve(self, rel: str) -> Path:
         """Absolute path of a project-relative file named in an input artifact."""
-        p = Path(rel)
-        return p if p.is_absolute() else self.project_dir / p
+        return resolve(self.project_dir, rel)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -3,7 +3,7 @@
 A job type with an `Interaction` asks for a choice when its params still lack it. The answer
 is stored for the job's name and the digest of its input keys, and every later load of the
 workflow applies it as `--set` values: it enters the job key and the provenance, and a rerun
-does not ask again unless the inputs changed.
+does not ask again unless the content of the inputs changed.
 """
 
 from __future__ import annotations
@@ -19,8 +19,18 @@ from orchestrator.workflow import Node, Workflow
 MAX_ROUNDS = 16
 
 
-def inputs_digest(node: Node) -> str:
-    return sha256_text(canonical_json(node.input_keys))
+def inputs_digest(node: Node, store: Store) -> str | None:
+    """Digest of the content of the job's inputs (None while any is missing).
+
+    Content, not keys: a rerun upstream that renumbers classes must ask again.
+    """
+    digests = {}
+    for slot, key in node.input_keys.items():
+        art = store.artifact(key)
+        if art is None:
+            return None
+        digests[slot] = art.sha256
+    return sha256_text(canonical_json(digests))
 
 
 def needs_choice(node: Node) -> bool:
@@ -39,8 +49,9 @@ def load(path: Path | str, sets: list[str], project: Path | str | None, store: S
         added = []
         for name in wf.order:
             node = wf.nodes[name]
-            if needs_choice(node):
-                chosen = store.choice(name, inputs_digest(node))
+            digest = inputs_digest(node, store) if needs_choice(node) else None
+            if digest is not None:
+                chosen = store.choice(name, digest)
                 if chosen is not None:
                     added += as_sets(name, chosen)
         if not added:

@@ -181,7 +181,7 @@ def choose(
         raise UsageError(f"job '{job}': inputs {missing} have no results yet; run the workflow with --only {job}")
     answers = wfmod.parse_set([f"{job}.{v}" for v in values])[job]
     wfmod.load(workflow, [*(set_ or []), *choices.as_sets(job, answers)], project)  # validates
-    store.record_choice(job, choices.inputs_digest(node), answers, "cli")
+    store.record_choice(job, choices.inputs_digest(node, store), answers, "cli")
     out.print(f"recorded for {job}: {answers}")
 
 

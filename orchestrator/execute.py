@@ -7,6 +7,7 @@ A crash or kill at any point leaves no half-written result that looks complete.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -14,10 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from jobs.context import CANCEL_FILE
 from orchestrator import files
 from orchestrator.store import Store
 from orchestrator.worker import ERROR_FILE
@@ -25,6 +28,8 @@ from orchestrator.workflow import Node, Workflow
 
 EventSink = Callable[[dict[str, Any]], None]
 LOG_FILE = "job.log"
+#: Prefix of the recorded error of a job that failed on bad input (exit code 2 of `flow run`).
+INPUT_ERROR_PREFIX = "bad input: "
 
 
 class JobError(Exception):
@@ -108,6 +113,53 @@ def _wait(proc: subprocess.Popen) -> tuple[int, float | None]:
     return proc.returncode, usage.ru_maxrss / 1024.0
 
 
+@contextmanager
+def _exclusive(lock_path: Path, node: Node) -> Iterator[None]:
+    """Hold an exclusive lock on a job key: two runs never execute the same key at once."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobError(f"job '{node.name}' (key {node.key[:12]}) is running in another process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _clean(work: Path) -> None:
+    """Remove what a previous attempt left in the work dir, except its checkpoints and log."""
+    if not work.exists():
+        return
+    for p in work.iterdir():
+        if p.name in ("checkpoints", LOG_FILE):
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _stop(proc: subprocess.Popen, work: Path) -> None:
+    """Ask the job to stop (CANCEL file, SIGTERM), then kill it."""
+    (work / CANCEL_FILE).touch()
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _failure(work: Path, rc: int) -> tuple[str, bool]:
+    err_file = work / ERROR_FILE
+    if err_file.exists():
+        err = json.loads(err_file.read_text())
+        return err["message"], err["kind"] == "input"
+    if rc < 0:
+        return f"job process killed by {signal.Signals(-rc).name}", False
+    return f"job process exited with code {rc} without a result", False
+
+
 def execute(
     store: Store,
     wf: Workflow,
@@ -118,14 +170,23 @@ def execute(
 ) -> dict[str, dict[str, Any]]:
     """Run `node` now; return its output handles. Raises JobError on failure.
 
-    With a `run_id`, the run records that it executed this job for `reasons`.
+    With a `run_id`, the run records that it executed this job for `reasons`. Bad input is
+    recorded with the error prefixed by INPUT_ERROR_PREFIX.
     """
     project = wf.project
     work, final = work_dir(project, node), final_dir(project, node)
     handles, consumed = _input_handles(store, node)
+    with _exclusive(work.parent / f"{work.name}.lock", node):
+        return _run_child(store, node, run_id, on_event, reasons, handles, consumed, work, final)
+
+
+def _run_child(
+    store: Store, node: Node, run_id: int | None, on_event: EventSink, reasons: list[str] | None,
+    handles: dict[str, Any], consumed: list[dict[str, str]], work: Path, final: Path,
+) -> dict[str, dict[str, Any]]:
+    project = store.project_dir
+    _clean(work)
     work.mkdir(parents=True, exist_ok=True)
-    for stale in ("result.json", ERROR_FILE, "CANCEL"):
-        (work / stale).unlink(missing_ok=True)
     spec = {
         "name": node.name,
         "type": node.type,
@@ -136,12 +197,9 @@ def execute(
         "final_dir": str(final),
     }
     (work / "spec.json").write_text(json.dumps(spec, indent=1))
-    from kernels import backend
-
     store.job_started(
         key=node.key, name=node.name, type_=node.type, version=node.job.version,
-        params=node.params_json(), directory=final.relative_to(project).as_posix(),
-        run_id=run_id, backend=backend.name(),
+        params=node.params_json(), directory=final.relative_to(project).as_posix(), run_id=run_id,
     )
     if run_id is not None:
         store.record_run_job(run_id, node.key, node.name, "executed", reasons or [])
@@ -156,39 +214,42 @@ def execute(
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            try:
-                event = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            kind = event.get("event")
-            if kind == "result":
-                outputs = event["outputs"]
-            elif kind == "metric":
-                store.add_metric(node.key, event["name"], event["value"], event.get("iteration"))
-            if kind == "log":
-                log.write(f"[{event['level']}] {event['message']}\n".encode())
-                log.flush()
-            on_event(event)
-        rc, peak_rss = _wait(proc)
+        try:
+            for raw in proc.stdout:
+                try:
+                    event = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue
+                kind = event.get("event")
+                if kind == "result":
+                    outputs = event["outputs"]
+                elif kind == "started":
+                    store.set_job_backend(node.key, event["backend"])
+                elif kind == "metric":
+                    store.add_metric(node.key, event["name"], event["value"], event.get("iteration"))
+                elif kind == "log":
+                    log.write(f"[{event['level']}] {event['message']}\n".encode())
+                    log.flush()
+                on_event(event)
+            rc, peak_rss = _wait(proc)
+        except BaseException as exc:
+            _stop(proc, work)
+            message = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            store.job_failed(node.key, message, run_id, time.monotonic() - t0)
+            if isinstance(exc, Exception):
+                raise JobError(message) from exc
+            raise
     duration = time.monotonic() - t0
     if rc != 0 or outputs is None:
-        err_file = work / ERROR_FILE
-        if err_file.exists():
-            err = json.loads(err_file.read_text())
-            message, input_error = err["message"], err["kind"] == "input"
-        elif rc < 0:
-            message, input_error = f"job process killed by {signal.Signals(-rc).name}", False
-        else:
-            message, input_error = f"job process exited with code {rc} without a result", False
-        store.job_failed(node.key, message, run_id, duration)
+        message, input_error = _failure(work, rc)
+        store.job_failed(node.key, (INPUT_ERROR_PREFIX if input_error else "") + message, run_id, duration)
         raise JobError(message, input_error)
     try:
         rows = _output_records(project, work, final, outputs, node)
-    except JobError as exc:
+        _publish(work, final)
+    except (JobError, OSError) as exc:
         store.job_failed(node.key, str(exc), run_id, duration)
-        raise
-    _publish(work, final)
+        raise JobError(str(exc)) from exc
     store.job_finished(
         key=node.key, run_id=run_id, outputs=rows, inputs=consumed,
         duration_s=duration, peak_rss_mb=peak_rss,

@@ -28,13 +28,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from orchestrator import choices
 from orchestrator import plan as planning
-from orchestrator.execute import JobError, execute
+from orchestrator.execute import INPUT_ERROR_PREFIX, JobError, execute
 from orchestrator.progress import TerminalProgress
 from orchestrator.reporting import job_markdown
 from orchestrator.store import Store
 from orchestrator.workflow import ExecutorSpec, Node, Workflow
 
-INPUT_ERROR_PREFIX = "bad input: "
 #: How long an interactive step waits for its answer in the Prefect UI (seconds).
 CHOICE_TIMEOUT_S = 7 * 24 * 3600
 #: Terminal progress of the current `flow run` (local executor only; None in Dask workers).
@@ -61,7 +60,7 @@ def _ask(store: Store, node: Node) -> None:
         SINK.line(f"[yellow]waiting[/] {node.name}: answer the form of the paused flow run in the Prefect UI")
     answer = pause_flow_run(wait_for_input=form, timeout=CHOICE_TIMEOUT_S, poll_interval=2, key=node.name)
     params = {k: v for k, v in answer.model_dump().items() if k in model.model_fields}
-    store.record_choice(node.name, choices.inputs_digest(node), params, "prefect-ui")
+    store.record_choice(node.name, choices.inputs_digest(node, store), params, "prefect-ui")
     get_run_logger().info("%s: choice recorded: %s", node.name, params)
 
 
@@ -142,9 +141,10 @@ def job_task(
     try:
         outputs = execute(store, wf, node, run_id, on_event=events, reasons=decision.reasons)
     except JobError as exc:
-        if exc.input_error:
-            store.job_failed(node.key, INPUT_ERROR_PREFIX + str(exc), run_id, 0.0)
-        store.record_run_job(run_id, node.key, name, "failed", decision.reasons)
+        if store.job(node.key) is not None:
+            store.record_run_job(run_id, node.key, name, "failed", decision.reasons)
+        else:
+            store.add_event("job_not_run", f"{name}: {exc}", run_id)
         create_markdown_artifact(markdown=job_markdown(store, node.key), key=_artifact_key(name, "summary"))
         if SINK is not None:
             SINK.line(f"[red]failed[/] {name}: {exc}")

@@ -50,6 +50,7 @@ def run_spec(spec: dict[str, Any], emit: Any) -> dict[str, dict[str, Any]]:
         seed=params.seed,
         emit=emit,
     )
+    emit({"event": "started", "backend": ctx.backend})
     outputs = job.run(params, inputs, ctx)
     if set(outputs) != set(job.outputs):
         raise RuntimeError(

@@ -204,6 +204,11 @@ def load(
     for t in type_defaults:
         if t not in types:
             problems.append(f"defaults: unknown job type '{t}'{_suggest(t, types)}")
+    if global_defaults:
+        known = {f for t in types for f in registry.get(t).params.model_fields}
+        for k in global_defaults:
+            if k not in known:
+                problems.append(f"defaults: field '{k}': no job type has this parameter{_suggest(k, sorted(known))}")
 
     nodes: dict[str, Node] = {}
     for name, entry in wf.jobs.items():

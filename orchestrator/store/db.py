@@ -16,7 +16,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -28,6 +28,10 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+#: Most recently used first (a key used again after a branch switch counts as recent).
+_latest = func.coalesce(Job.started_at, Job.created_at).desc()
 
 
 def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -130,7 +134,7 @@ class Store:
                 job = s.scalars(select(Job).where(Job.key.like(f"{ref}%"))).first()
             if job is None:
                 job = s.scalars(
-                    select(Job).where(Job.name == ref).order_by(Job.created_at.desc())
+                    select(Job).where(Job.name == ref).order_by(_latest)
                 ).first()
             return job
 
@@ -140,7 +144,7 @@ class Store:
             q = select(Job).where(Job.name == name)
             if exclude_key:
                 q = q.where(Job.key != exclude_key)
-            return s.scalars(q.order_by(Job.created_at.desc())).first()
+            return s.scalars(q.order_by(_latest)).first()
 
     def jobs(self) -> list[Job]:
         with self.read() as s:
@@ -158,9 +162,13 @@ class Store:
             job.name, job.type, job.version, job.params = name, type_, version, params
             job.directory, job.status, job.started_at = directory, "running", now()
             job.ended_at = job.duration_s = job.error = None
-            job.backend, job.host = backend, socket.gethostname()
+            job.backend, job.host = None, socket.gethostname()
             s.execute(Metric.__table__.delete().where(Metric.job_key == key))
             s.add(Event(ts=now(), kind="job_started", run_id=run_id, job_key=key, message=name))
+
+    def set_job_backend(self, key: str, backend: str) -> None:
+        with self.write() as s:
+            s.get(Job, key).backend = backend
 
     def set_task_run_id(self, key: str, task_run_id: str) -> None:
         with self.write() as s:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,23 +14,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import toy_jobs  # noqa: E402
-
-FLOW = str(Path(sys.executable).parent / "flow")
-PREFECT = str(Path(sys.executable).parent / "prefect")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
+from cli_helpers import PREFECT, Flow, _free_port, _healthy  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -69,28 +50,6 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory, toy_env: dict[str, str
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-@dataclass
-class Flow:
-    """Runs the `flow` CLI as a subprocess in a directory with a given environment."""
-
-    cwd: Path
-    env: dict[str, str]
-
-    def __call__(self, *args: str, extra_env: dict[str, str] | None = None, timeout: float = 300) -> Result:
-        p = subprocess.run(
-            [FLOW, *args], cwd=self.cwd, env={**self.env, **(extra_env or {})},
-            capture_output=True, text=True, timeout=timeout,
-        )
-        return Result(p.returncode, p.stdout, p.stderr)
 
 
 @pytest.fixture

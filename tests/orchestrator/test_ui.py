@@ -7,8 +7,7 @@ import os
 import signal
 import urllib.request
 
-from conftest import Flow, _free_port
-from test_runs import WF
+from cli_helpers import WF, Flow, _free_port
 
 from orchestrator.store import Store
 

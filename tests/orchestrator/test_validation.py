@@ -46,6 +46,8 @@ CASES = [
     ("invalid YAML", "name: bad\njobs: {a: [\n", ["invalid YAML", "line"]),
     ("unknown defaults job type", _wf(GOOD, "name: bad\ndefaults: {toy_mak: {value: 1}}\n"),
      ["defaults", "toy_mak"]),
+    ("misspelled global default", _wf(GOOD, "name: bad\ndefaults: {sede: 5}\n"),
+     ["defaults", "field 'sede'", "did you mean 'seed'"]),
     ("bad job name", _wf({**GOOD, "1st": "{type: toy_make}"}), ["job '1st'", "invalid job name"]),
 ]
 
