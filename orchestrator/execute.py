@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.context import CANCEL_FILE
-from orchestrator import files
+from orchestrator import files, gpus
 from orchestrator.store import Store
 from orchestrator.worker import ERROR_FILE
 from orchestrator.workflow import Node, Workflow
@@ -176,13 +176,14 @@ def execute(
     project = wf.project
     work, final = work_dir(project, node), final_dir(project, node)
     handles, consumed = _input_handles(store, node)
-    with _exclusive(work.parent / f"{work.name}.lock", node):
-        return _run_child(store, node, run_id, on_event, reasons, handles, consumed, work, final)
+    with _exclusive(work.parent / f"{work.name}.lock", node), gpus.lease(project, node.job.gpu) as env:
+        return _run_child(store, node, run_id, on_event, reasons, handles, consumed, work, final, env)
 
 
 def _run_child(
     store: Store, node: Node, run_id: int | None, on_event: EventSink, reasons: list[str] | None,
     handles: dict[str, Any], consumed: list[dict[str, str]], work: Path, final: Path,
+    env: dict[str, str],
 ) -> dict[str, dict[str, Any]]:
     project = store.project_dir
     _clean(work)
@@ -211,7 +212,7 @@ def _run_child(
             stdout=subprocess.PIPE,
             stderr=log,
             cwd=project,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
         )
         assert proc.stdout is not None
         try:

@@ -94,8 +94,21 @@ PICK = JobType("toy_pick", PickParams, {"particles": Slot(ParticleSet)}, {"parti
                run_pick, passes={"particles": "particles"}, interaction=Interaction(
                    needs_input=lambda p: p.mode == "interactive" and p.keep is None, form=_pick_form))
 
+class GpuParams(JobParams):
+    sleep_s: float = 1.0
+
+
+def run_gpu(params: GpuParams, inputs: dict, ctx: JobContext) -> dict:
+    start = time.time()
+    time.sleep(params.sleep_s)
+    text = f"{os.environ.get('CUDA_VISIBLE_DEVICES', '-')} {start} {time.time()}\n"
+    return {"particles": _write(ctx, text, 1)}
+
+
+GPU = JobType("toy_gpu", GpuParams, {}, {"particles": ParticleSet}, 1, run_gpu, gpu=True)
+
 MODULES = ",".join(
     f"{name}=toy_jobs:{attr}"
     for name, attr in [("toy_make", "MAKE"), ("toy_add", "ADD"), ("toy_mask", "MASK"),
-                       ("toy_needs_poses", "NEEDS_POSES"), ("toy_pick", "PICK")]
+                       ("toy_needs_poses", "NEEDS_POSES"), ("toy_pick", "PICK"), ("toy_gpu", "GPU")]
 )
