@@ -23,6 +23,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check orchestrator jobs kernels tests bench
 
 bench: $(STAMP)
+	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/kernels.py
 
 clean:
