@@ -178,13 +178,9 @@ def _check_values(tables: ParticleTables) -> None:
     for col in PARTICLE_CTF:
         if col not in tables.particles:
             raise JobInputError(f"{tables.source}: missing CTF column {col}")
-    for col in (*PARTICLE_CTF, *OPTICS_CTF, "rlnImagePixelSize"):
-        values = pd.to_numeric(pd.Series(tables.column(col)), errors="coerce").to_numpy(float)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise JobInputError(f"{tables.row(i)}: {col} is missing or not a finite number")
-    pixel = tables.column("rlnImagePixelSize").astype(float)
+    for col in (*PARTICLE_CTF, *OPTICS_CTF):
+        tables.numeric(col)
+    pixel = tables.numeric("rlnImagePixelSize")
     if not np.allclose(pixel, pixel[0], rtol=PIXEL_SIZE_RTOL, atol=0):
         i = int(np.flatnonzero(~np.isclose(pixel, pixel[0], rtol=PIXEL_SIZE_RTOL, atol=0))[0])
         raise JobInputError(

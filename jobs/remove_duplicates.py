@@ -48,28 +48,19 @@ class Params(JobParams):
     )
 
 
-def _numbers(tables: ParticleTables, col: str) -> np.ndarray:
-    values = pd.to_numeric(pd.Series(tables.column(col)), errors="coerce").to_numpy(float)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise JobInputError(f"{tables.row(int(np.flatnonzero(bad)[0]))}: {col} is missing or "
-                            "not a finite number")
-    return values
-
-
 def _centres_angst(tables: ParticleTables, params: Params, ctx: JobContext) -> np.ndarray:
     """(N, 2) particle centres on their micrographs, Å."""
     if params.coordinate_pixel_size_A is not None:
         pixel = np.full(len(tables), params.coordinate_pixel_size_A)
     elif tables.has("rlnMicrographPixelSize"):
-        pixel = _numbers(tables, "rlnMicrographPixelSize")
+        pixel = tables.numeric("rlnMicrographPixelSize")
     else:
-        pixel = _numbers(tables, "rlnImagePixelSize")
+        pixel = tables.numeric("rlnImagePixelSize")
         ctx.log.warning(f"{tables.source}: no rlnMicrographPixelSize; taking coordinates in "
                         "rlnImagePixelSize pixels (set coordinate_pixel_size_A if binned)")
-    xy = np.stack([_numbers(tables, c) for c in COORDS], axis=1) * pixel[:, None]
+    xy = np.stack([tables.numeric(c) for c in COORDS], axis=1) * pixel[:, None]
     if params.use_alignments and all(tables.has(c) for c in ORIGINS):
-        xy -= np.stack([_numbers(tables, c) for c in ORIGINS], axis=1)
+        xy -= np.stack([tables.numeric(c) for c in ORIGINS], axis=1)
     return xy
 
 

@@ -74,6 +74,14 @@ class ParticleTables:
             return lookup.loc[self.particles["rlnOpticsGroup"].to_numpy()].to_numpy()
         raise KeyError(name)
 
+    def numeric(self, name: str) -> np.ndarray:
+        """A column as float64, one per particle; JobInputError naming the first bad row."""
+        values = pd.to_numeric(pd.Series(self.column(name)), errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise JobInputError(f"{self.row(int(np.flatnonzero(bad)[0]))}: {name} is missing or not a finite number")
+        return values
+
     def has(self, name: str) -> bool:
         return name in self.particles or name in self.optics
 
