@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -85,12 +86,15 @@ def plan(
     from orchestrator import plan as planning
     from orchestrator import workflow as wfmod
     from orchestrator.store import Store
+    from orchestrator.store.db import DB_NAME
 
     wf = wfmod.load(workflow, set_ or [], project)
     _check_names(wf, force or [], "--force")
-    store = Store(wf.project)
-    wf = choices.load(workflow, set_ or [], project, store)
-    decisions = planning.plan(store, wf, set(force or []))
+    with tempfile.TemporaryDirectory() as empty:
+        # a project that does not exist yet is planned against an empty store, not created
+        store = Store(wf.project if (wf.project / DB_NAME).exists() else empty)
+        wf = choices.load(workflow, set_ or [], project, store)
+        decisions = planning.plan(store, wf, set(force or []))
     if json_:
         _print_json([d.as_json() for d in decisions])
         return

@@ -34,6 +34,9 @@ def test_rerun_reuses_all_then_set_reruns_only_the_branch(flow_run_cli: Flow) ->
 
 def test_plan_json_and_deleted_or_altered_outputs(flow_run_cli: Flow) -> None:
     _setup(flow_run_cli)
+    plan = json.loads(flow_run_cli("plan", "wf.yaml", "--json").out)
+    assert [(p["action"], p["reasons"]) for p in plan] == [("run", ["new"])] * 4
+    assert not (flow_run_cli.cwd / "proj").exists(), "planning must not create the project"
     _run(flow_run_cli)
     r = flow_run_cli("plan", "wf.yaml", "--set", "c.add=7", "--json")
     plan = json.loads(r.out)
