@@ -13,6 +13,7 @@ ENV_VAR = "CRYODAG_JOB_MODULES"
 #: Job type name -> module that defines `JOB`.
 _MODULES: dict[str, str] = {
     "import_particles": "jobs.import_particles",
+    "class_2d": "jobs.class_2d",
     "remove_duplicates": "jobs.remove_duplicates",
     "select_2d": "jobs.select_2d",
     "rebalance_2d": "jobs.rebalance_2d",
