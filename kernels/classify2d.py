@@ -6,17 +6,18 @@ Model of particle i in class k at pose (psi, t):  X_i = alpha_i C_i M(psi)[A_k] 
 with M(psi)[A] the reference rotated by ``kernels.projection.rotate_2d`` (a feature at y in A
 lands at inplane_matrices(psi) @ y) and per-shell noise sigma2(r) (per real component).
 
-E-step (§12.3): references are rotated once per call (K x n_psi, shared by the batch); for a
-chunk of particles and a chunk of whole classes the products X_b C_b conj(A_kj) / sigma2 are
-laid on the (D, D//2+1) half grid and one inverse FFT per (b, k, j) gives the cross-correlation
-for every integer shift: cc(t) = Re sum_band' X conj(C A) e^{+2 pi i k.t/D} / sigma2
-= 0.5 D^2 irfft2(...)(t mod D) (the irfft counts the kx = 0 column once and kx > 0 twice,
-i.e. twice the Hermitian-weighted band sum). The shift window is the disc |t| <= radius;
-the shift prior is Gaussian N(0, (SHIFT_PRIOR_FRACTION * radius)^2), not annealed. Logits are
+E-step (§12.2): references are rotated once per call (K x n_psi, shared by the batch) and
+every particle is scored against every rotated reference at every integer shift of the window
+(the disc |t| <= radius) as one real GEMM per particle chunk (``kernels.scoring``): on small
+working boxes with a window of tens of shifts this is several times faster than one inverse
+FFT per (particle, class, angle) (§12.3; measured in bench/class2d.py). The shift prior is
+Gaussian N(0, (SHIFT_PRIOR_FRACTION * radius)^2), not annealed. Logits are
 l = -diff2 / c_t^2 + log p(t); diff2 = 0.5 sum w |X e^{+2 pi i k.t/D} - alpha C A|^2, w = the
 band's Hermitian weight / sigma2. Force-max keeps, per (particle, class), the best pose with
-sub-pixel shift and psi from 3-point parabolas; marginalisation keeps the class evidence
-(log-sum-exp over poses) and recomputes the pose posteriors per chunk in the M-step.
+sub-pixel shift and psi from 3-point parabolas of the logits; marginalisation keeps the class
+evidence (log-sum-exp over poses at temperature 1, divided by c_t^2: annealing flattens the
+class posteriors, never the pose posteriors) and recomputes the pose posteriors per chunk in
+the M-step.
 
 M-step (§3.3): each particle's image is back-rotated into its classes (weights p_ik, pose
 posteriors) in one of two half-set accumulators (parity of the particle index). Per class the
@@ -49,6 +50,7 @@ from kernels.noise import per_particle_scale
 from kernels.posterior import class_posteriors, posterior_weights
 from kernels.projection import prepare_image, rotate_2d
 from kernels.reconstruction import Accumulator2D, backproject, tau2_from_fsc, wiener
+from kernels.scoring import diff2_chunk, particle_phases, prepare_particles
 
 #: Gaussian shift prior sigma as a fraction of the shift-search radius.
 SHIFT_PRIOR_FRACTION = 0.5
@@ -115,6 +117,18 @@ def shift_window(radius_px: float) -> np.ndarray:
     ty, tx = np.meshgrid(g, g, indexing="ij")
     keep = tx**2 + ty**2 <= radius_px**2 + 1e-9
     return np.stack([tx[keep], ty[keep]], axis=-1).astype(np.float64)
+
+
+def window_neighbours(shifts: np.ndarray) -> np.ndarray:
+    """(T, 2, 2) int64: for each window shift (tx, ty) and axis (x, y), the window indices of
+    the shifts one pixel below and above along that axis, or -1 outside the window."""
+    where = {(int(x), int(y)): i for i, (x, y) in enumerate(shifts)}
+    out = np.full((len(shifts), 2, 2), -1, dtype=np.int64)
+    for i, (x, y) in enumerate(shifts):
+        for ax, (dx, dy) in enumerate(((1, 0), (0, 1))):
+            out[i, ax, 0] = where.get((int(x) - dx, int(y) - dy), -1)
+            out[i, ax, 1] = where.get((int(x) + dx, int(y) + dy), -1)
+    return out
 
 
 def capacity_assign(p: Any, capacity: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -219,9 +233,8 @@ class Classifier2D:
         self._shifts = shift_window(s.shift_radius_px)
         sd = max(SHIFT_PRIOR_FRACTION * s.shift_radius_px, 0.5)
         self._log_prior_t = xp.asarray(-(self._shifts**2).sum(axis=1) / (2 * sd**2), dtype=xp.float32)
-        ty = self._shifts[:, 1].astype(np.int64) % s.D
-        tx = self._shifts[:, 0].astype(np.int64) % s.D
-        self._win_idx = xp.asarray(ty * s.D + tx)
+        self._phases = particle_phases(self.band, xp.asarray(self._shifts), xp)  # (T, nF)
+        self._neighbours = xp.asarray(window_neighbours(self._shifts))
         self._npix = xp.asarray(np.bincount(self.band.shell, weights=self.band.weight,
                                             minlength=self.band.n_shells))
 
@@ -267,61 +280,46 @@ class Classifier2D:
         ift = prepare_image(self.refs, self.s.pad)
         return rotate_2d(ift, psis, self.band).astype(self.xp.complex64)
 
-    def _chunks(self, B: int, n_psi: int) -> tuple[int, int]:
-        """(particles, classes) per E-step chunk within a memory budget."""
-        D = self.s.D
-        per_map = D * (D // 2 + 1) * 8 * 2 + D * D * 4
+    def _chunk(self, B: int, n_refs: int) -> int:
+        """Particles per E-step chunk: the (bc, T, n_refs) float32 scores and their float64
+        work copies within a memory budget."""
+        T = self._shifts.shape[0]
         budget = min(memory_budget_bytes(0.05), 512 << 20)
-        maps = max(budget // per_map, 1)
-        kc = int(max(1, min(self.s.n_classes, maps // max(n_psi, 1))))
-        bc = int(max(1, min(B, maps // (kc * n_psi))))
-        return bc, kc
+        return int(max(1, min(B, budget // (T * n_refs * 24))))
 
     def window_logits(
         self, X: Any, C: Any, psis: np.ndarray, temperature: float, A: Any | None = None
-    ) -> Iterator[tuple[slice, int, Any, Any]]:
-        """Yield (particle slice, first class k0, logits (bc, kc, n_psi, T) float32,
-        cc maps (bc, kc, n_psi, D, D) float32) chunk by chunk.
+    ) -> Iterator[tuple[slice, Any]]:
+        """Yield (particle slice, logits (bc, K, n_psi, T) float32) chunk by chunk.
 
-        logits = (cc - 0.5 sum w C^2 |A|^2) / temperature + log p(t); the particle constant
-        0.5 sum w |X|^2 / temperature is left out (see ``half_norm``). C includes alpha.
+        logits = -diff2 / temperature + log p(t) for every class, in-plane angle and integer
+        shift of the window, scored as one GEMM per chunk (``kernels.scoring``, §12.2);
+        diff2 = 0.5 sum w |X e^{+2 pi i k.t/D} - C A|^2 with w = Hermitian weight / sigma2.
+        C includes alpha.
         """
-        xp, D, band = self.xp, self.s.D, self.band
+        xp = self.xp
         A = self.rotated_refs(psis) if A is None else A
         K, n_psi, nF = A.shape
-        w_s = self.inv_sigma2()
-        wb = band.on(xp, "weight") * w_s
-        B = X.shape[0]
-        bc, kc = self._chunks(B, n_psi)
-        Ag = band.scatter(xp.conj(A))  # (K, n_psi, D, D//2+1)
-        A2 = (A.real.astype(xp.float64) ** 2 + A.imag.astype(xp.float64) ** 2).reshape(K * n_psi, nF)
-        inv_t = np.float32(1.0 / temperature)
+        w = self.band.on(xp, "weight") * self.inv_sigma2()
+        refs = A.reshape(K * n_psi, nF)
+        B, T = X.shape[0], self._shifts.shape[0]
+        bc = self._chunk(B, K * n_psi)
+        inv_t = np.float32(-1.0 / temperature)
         for b0 in range(0, B, bc):
             sl = slice(b0, min(b0 + bc, B))
-            Cb = C[sl].astype(xp.float64)
-            Xg = band.scatter((X[sl] * (Cb * w_s)).astype(xp.complex64))  # (bc, D, D//2+1)
-            norm = 0.5 * ((Cb * Cb * wb) @ A2.T)  # (bc, K*n_psi)
-            norm = norm.reshape(-1, K, n_psi).astype(xp.float32)
-            for k0 in range(0, K, kc):
-                k1 = min(k0 + kc, K)
-                prod = Xg[:, None, None] * Ag[None, k0:k1]
-                cc = xp.fft.irfft2(prod, s=(D, D), axes=(-2, -1)).astype(xp.float32)
-                cc *= np.float32(0.5 * D * D)
-                n = cc.shape[0] * (k1 - k0) * n_psi
-                win = cc.reshape(n, D * D)[:, self._win_idx].reshape(cc.shape[0], k1 - k0, n_psi, -1)
-                logits = (win - norm[:, k0:k1, :, None]) * inv_t + self._log_prior_t
-                yield sl, k0, logits, cc
-
-    def half_norm(self, X: Any) -> Any:
-        """0.5 sum w |X|^2 (B,) float64 (w = Hermitian weight / sigma2)."""
-        xp = self.xp
-        wb = self.band.on(xp, "weight") * self.inv_sigma2()
-        X = X.astype(xp.complex128)
-        return 0.5 * ((X.real**2 + X.imag**2) @ wb)
+            parts = prepare_particles(X[sl], C[sl], w, self._phases)
+            d = diff2_chunk(parts, refs)  # (bc, T, K * n_psi)
+            d *= inv_t
+            d += self._log_prior_t[None, :, None]
+            yield sl, xp.ascontiguousarray(d.reshape(-1, T, K, n_psi).transpose(0, 2, 3, 1))
 
     def expectation(self, X: Any, C: Any, psis: np.ndarray, temperature: float = 1.0) -> EStep:
         """Per-class evidence and best poses for a batch: X (B, nF) band data, C (B, nF) CTF
-        times alpha, psis (n_psi,) deg grid, temperature c_t^2."""
+        times alpha, psis (n_psi,) deg grid, temperature c_t^2.
+
+        Force-max: the class evidence is the best logit at the temperature. Marginalisation:
+        log-sum-exp over poses at temperature 1, then divided by the temperature, so annealing
+        flattens the class posteriors only and never the pose posteriors."""
         xp, s = self.xp, self.s
         B, K, n_psi = X.shape[0], s.n_classes, psis.size
         T = self._shifts.shape[0]
@@ -332,50 +330,44 @@ class Classifier2D:
         pose_ess = xp.ones((B, K))
         step = 360.0 / n_psi
         shifts = xp.asarray(self._shifts)
-        for sl, k0, lg, cc in self.window_logits(X, C, psis, temperature):
-            bc, kc = lg.shape[:2]
-            ks = slice(k0, k0 + kc)
-            flat = lg.reshape(bc, kc, n_psi * T)
+        pose_t = temperature if s.force_max else 1.0
+        for sl, lg in self.window_logits(X, C, psis, pose_t):
+            bc = lg.shape[0]
+            flat = lg.reshape(bc, K, n_psi * T)
             a = xp.argmax(flat, axis=2)
-            best = xp.take_along_axis(flat, a[..., None], axis=2)[..., 0].astype(xp.float64)
+            best = xp.take_along_axis(flat, a[..., None], axis=2)[..., 0]
             j, t = a // T, a % T
             if s.force_max:
-                loglik[sl, ks] = best
+                loglik[sl] = best
             else:
-                e = xp.exp((flat - best[..., None].astype(xp.float32)).astype(xp.float64))
+                e = xp.exp((flat - best[..., None]).astype(xp.float64))
                 s1 = e.sum(axis=2)
-                loglik[sl, ks] = best + xp.log(s1)
-                pose_ess[sl, ks] = s1**2 / (e * e).sum(axis=2)
+                loglik[sl] = (best + xp.log(s1)) / temperature
+                pose_ess[sl] = s1**2 / (e * e).sum(axis=2)
             # psi parabola on the max-over-shift logits of neighbouring angles
-            per_psi = lg.max(axis=3)  # (bc, kc, n_psi)
+            per_psi = lg.max(axis=3)  # (bc, K, n_psi)
             vm = xp.take_along_axis(per_psi, ((j - 1) % n_psi)[..., None], axis=2)[..., 0]
             vp = xp.take_along_axis(per_psi, ((j + 1) % n_psi)[..., None], axis=2)[..., 0]
-            dpsi = _parabola(vm, best.astype(xp.float32), vp) if n_psi > 2 else xp.zeros_like(vm)
-            psi[sl, ks] = (xp.asarray(psis)[j] + step * dpsi) % 360.0
-            psi_idx[sl, ks] = j
-            shift[sl, ks] = shifts[t] + self._subpixel(cc, j, shifts[t])
-        loglik -= (self.half_norm(X) / temperature)[:, None]
+            dpsi = _parabola(vm, best, vp) if n_psi > 2 else xp.zeros_like(vm)
+            psi[sl] = (xp.asarray(psis)[j] + step * dpsi) % 360.0
+            psi_idx[sl] = j
+            shift[sl] = shifts[t] + self._subpixel(flat, j, t, best)
         return EStep(loglik, psi, shift, psi_idx, pose_ess)
 
-    def _subpixel(self, cc: Any, j: Any, t: Any) -> Any:
-        """Parabolic sub-pixel offsets (bc, kc, 2) of the cc maps (bc, kc, n_psi, D, D) around
-        integer shifts t (bc, kc, 2) at psi indices j (bc, kc); prior included."""
-        xp, D = self.xp, self.s.D
-        bc, kc, n_psi = cc.shape[:3]
-        sd = max(SHIFT_PRIOR_FRACTION * self.s.shift_radius_px, 0.5)
-        maps = cc.reshape(bc * kc * n_psi, D * D)
-        row = (xp.arange(bc)[:, None] * kc + xp.arange(kc)[None, :]) * n_psi + j
-        ti = t.astype(xp.int64)
+    def _subpixel(self, flat: Any, j: Any, t: Any, best: Any) -> Any:
+        """Parabolic sub-pixel offsets (bc, K, 2) from the logits flat (bc, K, n_psi * T) of the
+        window neighbours of the best integer shifts t (bc, K) at psi indices j; zero on an axis
+        whose neighbours are not both in the window."""
+        xp = self.xp
+        T = self._shifts.shape[0]
         out = []
         for ax in (0, 1):
-            vals = []
-            for d in (-1, 0, 1):
-                q = ti.copy()
-                q[..., ax] += d
-                flat = (q[..., 1] % D) * D + (q[..., 0] % D)
-                prior = -(q.astype(xp.float64) ** 2).sum(axis=-1) / (2 * sd**2)
-                vals.append(maps[row, flat].astype(xp.float64) + prior)
-            out.append(_parabola(*vals))
+            nb = self._neighbours[t, ax]  # (bc, K, 2) window index of t -/+ 1 along ax, or -1
+            both = (nb >= 0).all(axis=-1)
+            vals = [xp.take_along_axis(flat, (j * T + xp.maximum(nb[..., d], 0))[..., None],
+                                       axis=2)[..., 0] for d in (0, 1)]
+            vm, vp = (xp.where(both, v, best) for v in vals)
+            out.append(_parabola(vm.astype(xp.float64), best.astype(xp.float64), vp.astype(xp.float64)))
         return xp.stack(out, axis=-1)
 
     # -- M-step ----------------------------------------------------------------------------
@@ -388,7 +380,6 @@ class Classifier2D:
         e: EStep,
         halves: Any,
         psis: np.ndarray,
-        temperature: float = 1.0,
     ) -> None:
         """Add a batch to ``stats``: X (B, nF), C (B, nF) CTF x alpha, p (B, K) responsibilities,
         e its E-step (same psis grid), halves (B,) in {0, 1}."""
@@ -401,7 +392,7 @@ class Classifier2D:
         if s.force_max:
             self._insert_best(stats, X, C, p, e, halves, b_idx, k_idx, w_s)
         else:
-            self._insert_marginal(stats, X, C, p, psis, temperature, halves, A, w_s)
+            self._insert_marginal(stats, X, C, p, psis, halves, A, w_s)
         # noise: residual at the best pose of each class, weighted by p
         if b_idx.size:
             Ab = A[xp.asarray(k_idx), e.psi_index[b_idx, k_idx]]
@@ -429,24 +420,23 @@ class Classifier2D:
             )
 
     def _insert_marginal(self, stats: Stats, X: Any, C: Any, p: Any, psis: np.ndarray,
-                         temperature: float, halves: np.ndarray, A: Any, w_s: Any) -> None:
+                         halves: np.ndarray, A: Any, w_s: Any) -> None:
         """Back-rotate sum_t gamma(t) X e^{+2 pi i k.t/D} for each (particle, class, psi) with
-        weight >= MIN_WEIGHT; gamma is the pose posterior given the class."""
+        weight >= MIN_WEIGHT; gamma is the pose posterior given the class (temperature 1)."""
         xp, band = self.xp, self.band
-        E = shift_phase(self.s.D, xp.asarray(self._shifts), band, xp=xp).conj()  # (T, nF)
-        for sl, k0, lg, _ in self.window_logits(X, C, psis, temperature, A):
-            bc, kc = lg.shape[:2]
-            flat = lg.reshape(bc, kc, -1).astype(xp.float64)
+        for sl, lg in self.window_logits(X, C, psis, 1.0, A):
+            bc, K = lg.shape[:2]
+            flat = lg.reshape(bc, K, -1).astype(xp.float64)
             m = flat.max(axis=2, keepdims=True)
             lse = m[..., 0] + xp.log(xp.exp(flat - m).sum(axis=2))
-            g = posterior_weights(lg.reshape(bc * kc, -1), lse.reshape(-1)).reshape(lg.shape)
-            g = g * p[sl, k0:k0 + kc][:, :, None, None].astype(xp.float32)
-            per_psi = g.sum(axis=3)  # (bc, kc, n_psi)
+            g = posterior_weights(lg.reshape(bc * K, -1), lse.reshape(-1)).reshape(lg.shape)
+            g = g * p[sl][:, :, None, None].astype(xp.float32)
+            per_psi = g.sum(axis=3)  # (bc, K, n_psi)
             b, k, j = (to_host(a) for a in xp.nonzero(per_psi >= MIN_WEIGHT))
             if b.size == 0:
                 continue
             mass = per_psi[b, k, j]
-            G = (g[b, k, j] / mass[:, None]) @ E  # (n, nF): pose-averaged phase factor
+            G = (g[b, k, j] / mass[:, None]) @ self._phases  # (n, nF): pose-averaged phase factor
             bb = b + sl.start
             for h in (0, 1):
                 sel = halves[bb] == h
@@ -454,7 +444,7 @@ class Classifier2D:
                     backproject(
                         stats.halves[h], X[bb[sel]] * G[sel], psis[j[sel]], band,
                         ctf=C[bb[sel]], weights=mass[sel][:, None] * w_s[None, :],
-                        classes=k[sel] + k0,
+                        classes=k[sel],
                     )
 
     def blend(self, batch: Stats, eta: float, scale: float) -> None:
@@ -749,7 +739,7 @@ class OnlineEM:
         rng = np.random.default_rng([self.seed, 2 << 20, t])
         _, hard, pc, _ = self._assign(e, quota, rng, t >= sch.reseed_after)
         batch = clf.empty_stats()
-        clf.accumulate(batch, X, C, clf.xp.asarray(pc), e, idx % 2, psis, temp)
+        clf.accumulate(batch, X, C, clf.xp.asarray(pc), e, idx % 2, psis)
         clf.blend(batch, learning_rate(t), self.N / idx.size)
         moves = clf.maximize()
         out = self._record(idx, e, hard, pc, X, C0, psis)
@@ -776,7 +766,7 @@ class OnlineEM:
                 quota = np.minimum(sch.max_per_class, math.ceil(sch.max_per_class * seen / self.N)) - used
             _, hard, pc, _ = self._assign(e, quota, None, False)
             used += np.bincount(hard, minlength=K)
-            clf.accumulate(stats, X, C, clf.xp.asarray(pc), e, idx % 2, psis, 1.0)
+            clf.accumulate(stats, X, C, clf.xp.asarray(pc), e, idx % 2, psis)
             parts.append(self._record(idx, e, hard, pc, X, C0, psis))
         clf.blend(stats, 1.0, 1.0)
         moves = clf.maximize()

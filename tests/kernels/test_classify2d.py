@@ -108,8 +108,8 @@ def run10(views: Data):
 # -- unit checks --------------------------------------------------------------------------
 
 
-def test_fft_scores_match_direct() -> None:
-    """The FFT cross-correlation logits equal the direct diff2 (kernels.scoring) at every
+def test_window_scores_match_direct() -> None:
+    """The E-step logits equal -diff2 (direct loop, kernels.scoring) + log prior at every
     integer shift of the window, for random data, CTF and noise model."""
     rng = np.random.default_rng(3)
     clf = c2.Classifier2D(settings(2), np)
@@ -120,13 +120,21 @@ def test_fft_scores_match_direct() -> None:
     C = rng.uniform(-1, 1, (3, band.n)).astype(np.float32)
     psis = np.array([0.0, 37.0, 200.0])
     A = clf.rotated_refs(psis)
-    (sl, k0, lg, _), = list(clf.window_logits(X, C, psis, 1.0))
+    (sl, lg), = list(clf.window_logits(X, C, psis, 2.0))
     w = band.weight / clf.sigma2[band.shell]
     direct = score_direct(X, C, w, particle_phases(band, c2.shift_window(0.15 * DW)),
                           A.reshape(-1, band.n))  # (B, T, K*n_psi)
-    got = lg - clf._log_prior_t - clf.half_norm(X)[:, None, None, None].astype(np.float32)
-    want = -np.transpose(direct, (0, 2, 1)).reshape(lg.shape)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+    want = -np.transpose(direct, (0, 2, 1)).reshape(lg.shape) / 2.0 + clf._log_prior_t
+    np.testing.assert_allclose(lg, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_window_neighbours() -> None:
+    shifts = c2.shift_window(1.5)  # 3 x 3 square
+    nb = c2.window_neighbours(shifts)
+    i = {tuple(map(int, t)): n for n, t in enumerate(shifts)}
+    assert nb[i[0, 0], 0].tolist() == [i[-1, 0], i[1, 0]]
+    assert nb[i[0, 0], 1].tolist() == [i[0, -1], i[0, 1]]
+    assert nb[i[1, 1], 0].tolist() == [i[0, 1], -1]
 
 
 def test_capacity_assign() -> None:
