@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from jobs import plots2d
 from jobs.artifacts import ClassAverages2D, ParticleSet
@@ -64,15 +64,8 @@ class Params(JobParams):
     sigma_anneal_start_iter: int = Field(2, ge=0, description="Iteration to start annealing sigma")
     sigma_anneal_iters: int = Field(15, ge=0, description="Number of iterations to anneal sigma")
     force_max_over_poses: bool = Field(
-        True, description="Max over poses/shifts (marginalisation is not available yet: it does not classify)"
+        True, description="Max over poses/shifts (true) or marginalise over them (false)"
     )
-
-    @field_validator("force_max_over_poses")
-    @classmethod
-    def _only_force_max(cls, v: bool) -> bool:
-        if not v:
-            raise ValueError("marginalisation over poses (false) does not classify yet; use true")
-        return v
     circular_mask_diameter_A: float | None = Field(
         None, gt=0, description="Class window diameter (Å); None: whole box (corners only)"
     )

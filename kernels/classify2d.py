@@ -380,16 +380,19 @@ class Classifier2D:
         e: EStep,
         halves: Any,
         psis: np.ndarray,
+        best_pose: bool = False,
     ) -> None:
         """Add a batch to ``stats``: X (B, nF), C (B, nF) CTF x alpha, p (B, K) responsibilities,
-        e its E-step (same psis grid), halves (B,) in {0, 1}."""
+        e its E-step (same psis grid), halves (B,) in {0, 1}. With marginalisation,
+        ``best_pose`` inserts each image at its best pose per class instead of over the pose
+        posterior (used while the noise is annealed, see ``OnlineEM``)."""
         xp, s, band = self.xp, self.s, self.band
         p = xp.asarray(p, dtype=xp.float64)
         halves = np.asarray(halves, dtype=np.int64)
         w_s = self.inv_sigma2()
         A = self.rotated_refs(psis)
         b_idx, k_idx = (to_host(a) for a in xp.nonzero(p >= MIN_WEIGHT))
-        if s.force_max:
+        if s.force_max or best_pose:
             self._insert_best(stats, X, C, p, e, halves, b_idx, k_idx, w_s)
         else:
             self._insert_marginal(stats, X, C, p, psis, halves, A, w_s)
@@ -421,31 +424,34 @@ class Classifier2D:
 
     def _insert_marginal(self, stats: Stats, X: Any, C: Any, p: Any, psis: np.ndarray,
                          halves: np.ndarray, A: Any, w_s: Any) -> None:
-        """Back-rotate sum_t gamma(t) X e^{+2 pi i k.t/D} for each (particle, class, psi) with
-        weight >= MIN_WEIGHT; gamma is the pose posterior given the class (temperature 1)."""
+        """Marginal M-step: per half, class k and grid angle psi_j, sum in the particle frame
+        sum_{b,t} p_bk gamma_b(j, t | k) X_b C_b w e^{+2 pi i k.t/D} (and the CTF^2 weights)
+        as GEMMs over the pose posteriors gamma (temperature 1), then back-rotate each of the
+        2 x K x n_psi sums once."""
         xp, band = self.xp, self.band
+        w = band.on(xp, "weight") * w_s
+        K, n_psi, nF = A.shape
+        vals = xp.zeros((2, K * n_psi, 2 * nF), dtype=xp.float64)
+        wts = xp.zeros((2, K * n_psi, nF), dtype=xp.float64)
         for sl, lg in self.window_logits(X, C, psis, 1.0, A):
-            bc, K = lg.shape[:2]
-            flat = lg.reshape(bc, K, -1).astype(xp.float64)
-            m = flat.max(axis=2, keepdims=True)
-            lse = m[..., 0] + xp.log(xp.exp(flat - m).sum(axis=2))
-            g = posterior_weights(lg.reshape(bc * K, -1), lse.reshape(-1)).reshape(lg.shape)
-            g = g * p[sl][:, :, None, None].astype(xp.float32)
-            per_psi = g.sum(axis=3)  # (bc, K, n_psi)
-            b, k, j = (to_host(a) for a in xp.nonzero(per_psi >= MIN_WEIGHT))
-            if b.size == 0:
-                continue
-            mass = per_psi[b, k, j]
-            G = (g[b, k, j] / mass[:, None]) @ self._phases  # (n, nF): pose-averaged phase factor
-            bb = b + sl.start
-            for h in (0, 1):
-                sel = halves[bb] == h
-                if sel.any():
-                    backproject(
-                        stats.halves[h], X[bb[sel]] * G[sel], psis[j[sel]], band,
-                        ctf=C[bb[sel]], weights=mass[sel][:, None] * w_s[None, :],
-                        classes=k[sel],
-                    )
+            bc, T = lg.shape[0], lg.shape[3]
+            flat = lg.reshape(bc * K, -1)
+            m = flat.max(axis=1, keepdims=True).astype(xp.float64)
+            lse = m[:, 0] + xp.log(xp.exp(flat - m).sum(axis=1))
+            g = posterior_weights(flat, lse).reshape(lg.shape)
+            g *= p[sl][:, :, None, None].astype(xp.float32)
+            parts = prepare_particles(X[sl], C[sl], w, self._phases)  # Y rows (b, t)
+            G = g.transpose(1, 2, 0, 3).reshape(K * n_psi, bc * T)
+            per_psi = g.sum(axis=3).reshape(bc, K * n_psi).astype(xp.float64)
+            h = xp.asarray(halves[sl])
+            for half in (0, 1):
+                rows = h == half
+                Gh = G.reshape(K * n_psi, bc, T)[:, rows].reshape(K * n_psi, -1)
+                vals[half] += Gh @ parts.Y.reshape(bc, T, 2 * nF)[rows].reshape(-1, 2 * nF)
+                wts[half] += per_psi[rows].T @ parts.ctf2w[rows]
+        for half in (0, 1):
+            stats.halves[half].insert(vals[half, :, :nF] + 1j * vals[half, :, nF:], wts[half],
+                                      np.tile(psis, K), band, classes=np.repeat(np.arange(K), n_psi))
 
     def blend(self, batch: Stats, eta: float, scale: float) -> None:
         """Online EM (§1.12): S <- (1 - eta) S + eta * scale * S_batch."""
@@ -671,6 +677,12 @@ class OnlineEM:
     (indices, X, C). Batch t of the O-EM phase is positions [t*B, (t+1)*B) of the
     concatenation of per-epoch permutations ``default_rng([seed, epoch]).permutation(N)``,
     so a resumed run sees the same batches. Keeps alpha (N,) (per-particle scale).
+
+    With marginalisation, the M-step inserts images at their best poses while c_t > 1 and
+    over the full pose posterior from then on: from blurry seeds the early pose posteriors
+    are nearly uniform (median pose ESS ~600 in the first iteration of the tests' 5-view set),
+    and averaging over them makes every class the same rotationally blurred blob, which then
+    absorbs most views (ARI 0.78-0.85 instead of 0.99).
     """
 
     def __init__(self, clf: Classifier2D, schedule: Schedule, n_particles: int, seed: int) -> None:
@@ -739,7 +751,7 @@ class OnlineEM:
         rng = np.random.default_rng([self.seed, 2 << 20, t])
         _, hard, pc, _ = self._assign(e, quota, rng, t >= sch.reseed_after)
         batch = clf.empty_stats()
-        clf.accumulate(batch, X, C, clf.xp.asarray(pc), e, idx % 2, psis)
+        clf.accumulate(batch, X, C, clf.xp.asarray(pc), e, idx % 2, psis, best_pose=temp > 1.0)
         clf.blend(batch, learning_rate(t), self.N / idx.size)
         moves = clf.maximize()
         out = self._record(idx, e, hard, pc, X, C0, psis)

@@ -80,3 +80,7 @@ def test_class_2d_run(project, run_job) -> None:
                            always_dict=True)["particles"]
     assert any("resuming" in e.get("message", "") for e in events)
     assert np.mean(parts2["rlnClassNumber"].to_numpy() == cls) >= 0.99
+
+
+def test_marginalisation_param() -> None:
+    assert JOB.params(force_max_over_poses=False).force_max_over_poses is False

@@ -361,3 +361,17 @@ def test_cap(dominant: Data) -> None:
     assert sizes.max() <= cap
     assert rec_cap >= rec_free - 0.01
     assert set(majority(capped.cls, dominant.vs.view, 10)) >= {1, 2, 3, 4}
+
+
+def test_marginalisation_recovers_views(views: Data) -> None:
+    """Marginalisation over poses (force_max=False) on 5 of the views, K = 5: ARI >= 0.95 and
+    soft pose posteriors (median pose ESS > 1) in the final pass."""
+    keep = np.flatnonzero(views.vs.view < 5)
+    sub = Data.__new__(Data)
+    sub.vs, sub.band = views.vs, views.band
+    sub.X, sub.C = views.X[keep], views.C[keep]
+    _, out = classify(sub, 5, schedule(5, 60, iters=10), force_max=False)
+    score = ari(out.cls, views.vs.view[keep])
+    print(f"marginal K=5 ARI {score:.4f}, median pose ESS {np.median(out.pose_ess):.2f}")
+    assert score >= 0.95
+    assert np.median(out.pose_ess) > 1.0
