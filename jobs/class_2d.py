@@ -8,10 +8,11 @@ index from the stacks; full iterations stream the set in STAR order with
 `jobs.particles.iter_batches`. Only one batch and the model are in memory (plus per-particle
 scalars: the scale alpha and the outputs).
 
-Shift search: integer shifts within +-min(20 px, 0.15 D) of the working box, Gaussian prior of
-half that width, sub-pixel by parabolic fit; in-plane step 1/r_max rad (2x coarser in the
-first 5 O-EM iterations). `sigma_anneal=False` keeps c_t = 1 throughout (no initial
-classification uncertainty). `max_particles_per_class`: see kernels.classify2d.capacity_assign.
+Shift search: integer shifts within a disc of radius `offset_range_A` (default min(20 px,
+0.15 D) at the working box; at least 1 px), Gaussian prior of half that width, sub-pixel by
+parabolic fit; in-plane step 1/r_max rad (2x coarser in the first 5 O-EM iterations).
+`sigma_anneal=False` keeps c_t = 1 throughout (no initial classification uncertainty).
+`max_particles_per_class`: see kernels.classify2d.capacity_assign.
 
 Outputs: `particles` (same stacks, new columns: rlnClassNumber 1 = largest, rlnAnglePsi,
 rlnOriginXAngst/YAngst = -t * pixel size, rlnMaxValueProbDistribution,
@@ -74,6 +75,9 @@ class Params(JobParams):
     per_particle_scale: bool = Field(False, description="Fit a per-particle amplitude scale")
     max_particles_per_class: int | None = Field(
         None, ge=1, description="Capacity of each class (particles); None: no cap"
+    )
+    offset_range_A: float | None = Field(
+        None, gt=0, description="Shift search radius (Å, RELION --offset_range); None: 15% of the box"
     )
     checkpoint_every: int = Field(5, ge=1, description="O-EM iterations between checkpoints")
     chunk_size: int = Field(2000, ge=1, description="Particles per streamed chunk in full passes")
@@ -183,10 +187,11 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     if cap is not None and cap * K < N:
         raise JobInputError(f"max_particles_per_class {cap} x {K} classes < {N} particles")
     D, a, r_max = working_geometry(ps.box, ps.pixel_size, params.max_res_A)
+    shift_radius = min(20.0, 0.15 * D) if params.offset_range_A is None else max(params.offset_range_A / a, 1.0)
     window = None if params.circular_mask_diameter_A is None else params.circular_mask_diameter_A / (2 * a)
     settings = c2.Settings(
         n_classes=K, D=D, pixel_size=a, r_max=r_max, psi_step_deg=math.degrees(1.0 / r_max),
-        shift_radius_px=min(20.0, 0.15 * D), window_radius_px=window,
+        shift_radius_px=shift_radius, window_radius_px=window,
         force_max=params.force_max_over_poses, recenter=params.recenter,
         clamp_solvent=params.clamp_solvent, per_particle_scale=params.per_particle_scale,
     )
