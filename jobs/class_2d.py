@@ -24,7 +24,6 @@ ctx.checkpoint_dir; a rerun of the same job resumes from the last one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -37,16 +36,12 @@ from jobs.base import JobParams, JobType, Slot
 from jobs.class_averages import write_class_averages
 from jobs.context import JobContext
 from jobs.errors import JobInputError
-from jobs.io.mrc import StackReader
 from jobs.io.star import ParticleTables
-from jobs.particles import image_locations, iter_batches, read_tables, write_particle_star
+from jobs.particles import read_tables, write_particle_star
+from jobs.working_set import WorkingSet, working_geometry
 from kernels import classify2d as c2
-from kernels.backend import get_xp, to_device, to_host
-from kernels.ctf import ctf_2d
-from kernels.fourier import fourier_crop
+from kernels.backend import get_xp, to_host
 
-CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
-               "rlnSphericalAberration", "rlnAmplitudeContrast")
 STATE_FILE = "state.npz"
 
 
@@ -81,53 +76,6 @@ class Params(JobParams):
     )
     checkpoint_every: int = Field(5, ge=1, description="O-EM iterations between checkpoints")
     chunk_size: int = Field(2000, ge=1, description="Particles per streamed chunk in full passes")
-
-
-def working_geometry(box: int, pixel_size: float, max_res_A: float) -> tuple[int, float, int]:
-    """(working box, its pixel size Å, band r_max shells) for a max resolution."""
-    r = min(int(math.floor(box * pixel_size / max_res_A)), box // 2 - 1)
-    if r < 2:
-        raise JobInputError(f"max_res_A {max_res_A} Å is below 2 Fourier shells of the box")
-    D = min(box, 2 * (r + 2))
-    return D, box * pixel_size / D, min(r, D // 2 - 1)
-
-
-class _Source:
-    """Band data and CTF of particles at the working box, by index or streamed."""
-
-    def __init__(self, ps: ParticleSet, tables: ParticleTables, ctx: JobContext,
-                 clf: c2.Classifier2D) -> None:
-        self.ps, self.ctx, self.clf = ps, ctx, clf
-        self.paths, self.index = image_locations(tables, ctx.project_dir)
-        self.ctf = {c: tables.column(c).astype(np.float64) for c in CTF_COLUMNS}
-        self.phase = (tables.column("rlnPhaseShift").astype(np.float64)
-                      if tables.has("rlnPhaseShift") else np.zeros(len(tables)))
-
-    def _prepare(self, images: np.ndarray, idx: np.ndarray) -> tuple[Any, Any]:
-        clf = self.clf
-        x = to_device(images, clf.xp)
-        if x.shape[-1] != clf.s.D:
-            x = fourier_crop(x, clf.s.D, ndim=2)
-        c = self.ctf
-        C = ctf_2d(clf.s.D, clf.s.pixel_size, *(clf.xp.asarray(c[k][idx]) for k in CTF_COLUMNS[:3]),
-                   voltage_kv=clf.xp.asarray(c["rlnVoltage"][idx]),
-                   cs_mm=clf.xp.asarray(c["rlnSphericalAberration"][idx]),
-                   amplitude_contrast=clf.xp.asarray(c["rlnAmplitudeContrast"][idx]),
-                   phase_shift_deg=clf.xp.asarray(self.phase[idx]), band=clf.band)
-        return clf.band_data(x), C
-
-    def load(self, idx: np.ndarray) -> tuple[Any, Any]:
-        with StackReader() as reader:
-            images = reader.gather(self.paths[idx], self.index[idx])
-        return self._prepare(images, idx)
-
-    def stream(self, chunk: int) -> Iterator[tuple[np.ndarray, Any, Any]]:
-        n = self.ps.count
-        for idx, images, _ in iter_batches(self.ps, self.ctx.project_dir, chunk):
-            self.ctx.check_cancelled()
-            self.ctx.progress("full pass", int(idx[-1]) + 1, n)
-            X, C = self._prepare(images, idx)
-            yield idx, X, C
 
 
 def _metrics(ctx: JobContext, clf: c2.Classifier2D, out: c2.Assignment, it: int, n: int) -> None:
@@ -205,22 +153,23 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     xp = get_xp()
     clf = c2.Classifier2D(settings, xp)
     em = c2.OnlineEM(clf, schedule, N, params.seed)
-    src = _Source(ps, tables, ctx, clf)
+    src = WorkingSet(ps, tables, ctx, D, a, xp)
     ctx.log.info(f"{N} particles, box {ps.box} -> {D} px ({a:.3g} Å/px), band {r_max} shells, "
                  f"{K} classes, backend {ctx.backend}")
     total = params.num_oem_iterations + params.num_final_full_iterations
     done = _resume(ctx, clf, em)
     if done < 0:
-        em.seed_classes(src.load)
+        em.seed_classes(lambda idx: src.load(idx, clf.band))
     for t in range(done + 1, params.num_oem_iterations):
         ctx.check_cancelled()
-        _, out = em.oem_iteration(t, src.load)
+        _, out = em.oem_iteration(t, lambda idx: src.load(idx, clf.band))
         _metrics(ctx, clf, out, t, N)
         ctx.progress("iterations", t + 1, total)
         if (t + 1) % params.checkpoint_every == 0 or t + 1 == params.num_oem_iterations:
             _save(ctx, clf, em, t)
     for f in range(params.num_final_full_iterations):
-        out = em.full_iteration(src.stream(params.chunk_size))
+        out = em.full_iteration((idx, src.band_data(im, clf.band), src.ctf(idx, clf.band))
+                                for idx, im in src.stream(params.chunk_size))
         _metrics(ctx, clf, out, params.num_oem_iterations + f, N)
         ctx.progress("iterations", params.num_oem_iterations + f + 1, total)
 

@@ -1,0 +1,85 @@
+"""Particles at a working box: Fourier-cropped images, band data and CTFs, by index or streamed.
+
+Shared by the jobs that classify or refine particles (class_2d, ab_initio, hetero_refine). The
+working box D is the smallest even box whose Nyquist shell exceeds the band limit r_max =
+floor(box * pixel_size / max_res_A) (2 shells of margin), so the band limit is the maximum
+resolution; its pixel size is box * pixel_size / D. Only the requested particles are read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from jobs.artifacts import ParticleSet
+from jobs.context import JobContext
+from jobs.errors import JobInputError
+from jobs.io.mrc import StackReader
+from jobs.io.star import ParticleTables
+from jobs.particles import image_locations, iter_batches
+from kernels.backend import to_device
+from kernels.ctf import ctf_2d
+from kernels.fourier import Band, fourier_crop, rfft2c
+
+CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
+               "rlnSphericalAberration", "rlnAmplitudeContrast")
+
+
+def working_geometry(box: int, pixel_size: float, max_res_A: float) -> tuple[int, float, int]:
+    """(working box, its pixel size Å, band r_max shells) for a max resolution."""
+    r = min(int(math.floor(box * pixel_size / max_res_A)), box // 2 - 1)
+    if r < 2:
+        raise JobInputError(f"max_res_A {max_res_A} Å is below 2 Fourier shells of the box")
+    D = min(box, 2 * (r + 2))
+    return D, box * pixel_size / D, min(r, D // 2 - 1)
+
+
+class WorkingSet:
+    """The particles of ``ps`` at working box D (pixel size Å) on array module xp.
+
+    ``images(idx)`` -> (B, D, D) float32; ``band_data(images, band)`` -> X (B, nF) complex64;
+    ``ctf(idx, band)`` -> (B, nF) float32; ``stream(chunk)`` yields (indices, images) in STAR
+    order with progress and cancellation through ctx.
+    """
+
+    def __init__(self, ps: ParticleSet, tables: ParticleTables, ctx: JobContext, D: int,
+                 pixel_size: float, xp: ModuleType) -> None:
+        self.ps, self.ctx, self.D, self.pixel_size, self.xp = ps, ctx, D, pixel_size, xp
+        self.paths, self.index = image_locations(tables, ctx.project_dir)
+        self._ctf = {c: tables.column(c).astype(np.float64) for c in CTF_COLUMNS}
+        self._phase = (tables.column("rlnPhaseShift").astype(np.float64)
+                       if tables.has("rlnPhaseShift") else np.zeros(len(tables)))
+
+    def _crop(self, images: np.ndarray) -> Any:
+        x = to_device(images, self.xp)
+        return x if x.shape[-1] == self.D else fourier_crop(x, self.D, ndim=2)
+
+    def images(self, idx: np.ndarray) -> Any:
+        with StackReader() as reader:
+            return self._crop(reader.gather(self.paths[idx], self.index[idx]))
+
+    def band_data(self, images: Any, band: Band) -> Any:
+        return band.gather(rfft2c(self.xp.asarray(images, dtype=self.xp.float32)))
+
+    def ctf(self, idx: np.ndarray, band: Band) -> Any:
+        c, xp = self._ctf, self.xp
+        return ctf_2d(self.D, self.pixel_size, *(xp.asarray(c[k][idx]) for k in CTF_COLUMNS[:3]),
+                      voltage_kv=xp.asarray(c["rlnVoltage"][idx]),
+                      cs_mm=xp.asarray(c["rlnSphericalAberration"][idx]),
+                      amplitude_contrast=xp.asarray(c["rlnAmplitudeContrast"][idx]),
+                      phase_shift_deg=xp.asarray(self._phase[idx]), band=band)
+
+    def load(self, idx: np.ndarray, band: Band) -> tuple[Any, Any]:
+        """(X, C) of particles idx on ``band``."""
+        return self.band_data(self.images(idx), band), self.ctf(idx, band)
+
+    def stream(self, chunk: int, label: str = "full pass") -> Iterator[tuple[np.ndarray, Any]]:
+        n = self.ps.count
+        for idx, images, _ in iter_batches(self.ps, self.ctx.project_dir, chunk):
+            self.ctx.check_cancelled()
+            self.ctx.progress(label, int(idx[-1]) + 1, n)
+            yield idx, self._crop(images)
