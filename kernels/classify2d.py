@@ -244,12 +244,6 @@ class Classifier2D:
         halves = [Accumulator2D(s.D, s.pad, xp, s.n_classes) for _ in range(2)]
         return Stats(halves, xp.zeros(self.band.n_shells), 0.0, xp.zeros(s.n_classes))
 
-    def band_data(self, images: Any) -> Any:
-        """Band coefficients (B, nF) complex64 of real images (B, D, D) at the working box."""
-        from kernels.fourier import rfft2c
-
-        return self.band.gather(rfft2c(self.xp.asarray(images, dtype=self.xp.float32)))
-
     def init_noise(self, X: Any) -> None:
         """sigma2_0(r) (§1.6, RELION): <|X|^2>/2 minus |<X>|^2/2 per shell, from X (B, nF);
         non-positive shells take their nearest positive neighbour."""
