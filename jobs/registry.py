@@ -17,6 +17,8 @@ _MODULES: dict[str, str] = {
     "remove_duplicates": "jobs.remove_duplicates",
     "select_2d": "jobs.select_2d",
     "rebalance_2d": "jobs.rebalance_2d",
+    "ab_initio": "jobs.ab_initio",
+    "hetero_refine": "jobs.hetero_refine",
 }
 
 

@@ -1,0 +1,67 @@
+"""Figures of 3D maps (ab_initio, hetero_refine, ...): central slices and projections of K
+maps, FSC curves, class fractions over iterations. matplotlib Agg, no pyplot state."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def _norm(img: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(img, [1.0, 99.5])
+    return np.clip((img - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(img)
+
+
+def map_views(maps: Sequence[np.ndarray], labels: Sequence[str]) -> Figure:
+    """One row per map: projections along z, y, x and the central z, y, x slices."""
+    n = len(maps)
+    fig = Figure(figsize=(7.5, 1.35 * n + 0.4))
+    titles = ["proj z", "proj y", "proj x", "slice z", "slice y", "slice x"]
+    for i, (v, lab) in enumerate(zip(maps, labels, strict=True)):
+        c = v.shape[0] // 2
+        panels = [v.sum(0), v.sum(1), v.sum(2), v[c], v[:, c], v[:, :, c]]
+        for j, img in enumerate(panels):
+            ax = fig.add_subplot(n, 6, 6 * i + j + 1)
+            ax.imshow(_norm(img), cmap="gray", origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=7)
+            if j == 0:
+                ax.set_ylabel(lab, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fsc_curves(curves: Sequence[np.ndarray], labels: Sequence[str], box: int, pixel_size: float,
+               thresholds: Sequence[float] = (0.143,)) -> Figure:
+    """FSC against resolution (1/Å) with the threshold lines."""
+    fig = Figure(figsize=(5.0, 3.2))
+    ax = fig.add_subplot()
+    for c, lab in zip(curves, labels, strict=True):
+        r = np.arange(len(c))
+        ax.plot(r / (box * pixel_size), c, label=lab)
+    for t in thresholds:
+        ax.axhline(t, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("resolution (1/Å)")
+    ax.set_ylabel("FSC")
+    ax.set_ylim(-0.1, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def class_fractions(history: np.ndarray) -> Figure:
+    """Class fractions (iterations, K) as stacked areas."""
+    fig = Figure(figsize=(5.0, 3.0))
+    ax = fig.add_subplot()
+    it = np.arange(history.shape[0])
+    ax.stackplot(it, history.T, labels=[f"class {k + 1}" for k in range(history.shape[1])])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("fraction")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,90 @@
+"""Maps on disk (VolumeSet): MRC files with voxel size, optional half maps and an FSC table.
+
+Shared by the 3D jobs (ab_initio, hetero_refine, later homo_refine, class_3d). FSC tables are
+STAR `data_fsc` blocks with RELION's columns (rlnSpectralIndex, rlnResolution (1/Å),
+rlnAngstromResolution, rlnFourierShellCorrelation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+
+from jobs.artifacts import Volume, VolumeSet, resolve
+from jobs.context import JobContext
+from jobs.errors import JobInputError
+from jobs.io.mrc import write_mrc
+from jobs.io.star import write_star
+from kernels.fourier import fourier_crop, fourier_pad
+
+
+@dataclass(frozen=True)
+class MapOut:
+    """One map to write: map (D, D, D), optional half maps and FSC curve (D//2,) at pixel_size."""
+
+    map: np.ndarray
+    half_a: np.ndarray | None = None
+    half_b: np.ndarray | None = None
+    fsc: np.ndarray | None = None
+    resolution_A: float | None = None
+
+
+def fsc_table(curve: np.ndarray, box: int, pixel_size: float) -> pd.DataFrame:
+    """RELION-style FSC table for a curve over shells 0 .. len-1 of a box at pixel_size Å."""
+    r = np.arange(len(curve))
+    inv = r / (box * pixel_size)
+    return pd.DataFrame({"rlnSpectralIndex": r, "rlnResolution": inv,
+                         "rlnAngstromResolution": np.where(r > 0, 1.0 / np.maximum(inv, 1e-30), 999.0),
+                         "rlnFourierShellCorrelation": np.asarray(curve, dtype=np.float64)})
+
+
+def write_volume_set(ctx: JobContext, name: str, maps: list[MapOut], pixel_size: float) -> VolumeSet:
+    """Write maps as `<name>_NNN.mrc` (+ `_half_a/_half_b.mrc`, `_fsc.star`) -> VolumeSet."""
+    vols = []
+    box = int(maps[0].map.shape[-1])
+    for k, m in enumerate(maps, start=1):
+        stem = f"{name}_{k:03d}"
+        refs: dict[str, str | float | None] = {"resolution_A": m.resolution_A}
+        for key, data in (("map", m.map), ("half_a", m.half_a), ("half_b", m.half_b)):
+            if data is not None:
+                path = ctx.path(f"{stem}.mrc" if key == "map" else f"{stem}_{key}.mrc")
+                write_mrc(path, data, pixel_size)
+                refs[key] = ctx.ref(path)
+        if m.fsc is not None:
+            path = ctx.path(f"{stem}_fsc.star")
+            write_star(path, {"fsc": fsc_table(m.fsc, box, pixel_size)})
+            refs["fsc"] = ctx.ref(path)
+        vols.append(Volume(**refs))
+    return VolumeSet(volumes=vols, box=box, pixel_size=pixel_size)
+
+
+def read_maps(vs: VolumeSet, project_dir: Path) -> list[np.ndarray]:
+    """The full maps of a VolumeSet (D, D, D) float32, in order."""
+    out = []
+    for v in vs.volumes:
+        path = resolve(project_dir, v.map)
+        try:
+            with mrcfile.open(path, permissive=True) as mrc:
+                data = np.asarray(mrc.data, dtype=np.float32)
+        except (OSError, ValueError) as exc:
+            raise JobInputError(f"{path}: cannot read map ({exc})") from exc
+        if data.ndim != 3 or len(set(data.shape)) != 1:
+            raise JobInputError(f"{path}: expected a cubic map, got shape {data.shape}")
+        out.append(data)
+    return out
+
+
+def resample(vol: np.ndarray, pixel_size: float, D: int, target_pixel: float, what: str) -> np.ndarray:
+    """A map (B, B, B) at pixel_size Å brought to box D at target_pixel Å by Fourier cropping
+    or padding; the physical box sizes must agree within 1%."""
+    B = vol.shape[-1]
+    if abs(B * pixel_size - D * target_pixel) > 0.01 * D * target_pixel:
+        raise JobInputError(f"{what}: box {B} x {pixel_size:.4g} Å does not match the particles' "
+                            f"{D} x {target_pixel:.4g} Å")
+    if B == D:
+        return vol
+    return fourier_crop(vol, D, ndim=3) if D < B else fourier_pad(vol, D, ndim=3)

@@ -1,0 +1,223 @@
+"""Ab-initio reconstruction of K classes by preconditioned stochastic gradient descent with
+resolution annealing (algorithms.md §5; Punjani et al. 2017).
+
+Iteration t works at band radius r_t (shells of the working box): r_init for the first
+``n_init_iters``, then + ``radius_step`` per iteration up to r_max, then ``n_final_iters`` at
+r_max. On a random minibatch of B of the N particles:
+
+  E-step   coarse-to-fine pose search per class with marginalisation over the pruned pose set
+           (kernels/refine3d.py) at temperature c_t^2 (c_t: ``sigma_scale`` annealed to 1 over
+           the first n_init_iters + anneal iterations, the §1.6 shape); class posteriors mixed
+           with the uniform distribution by the class similarity beta_t (beta until
+           ``similarity_end`` / 2, then linearly to 0 at ``similarity_end``).
+  gradient the MAP objective's gradient with the diagonal preconditioner H = (N/B) W + 1/tau2
+           (W the CTF^2/sigma2 weights back-projected with the data B) is
+           g / H = V_B - V, with V_B = (N/B) B / ((N/B) W + 1/tau2) = ``wiener(acc, tau2, T=N/B)``
+           the minibatch's MAP estimate. Update Delta <- mu Delta + eta_t (V_B - V); V <- V + Delta.
+           tau2 = 2 x the map's own power (``refine3d.model_tau2``).
+  project  onto the constraints: re-centre, non-negativity, soft spherical window, zero above r_t.
+  priors   pi <- (1 - eta) pi + eta mean_i p_i; the noise model by shrinkage of the residual
+           power at each particle's best pose of its best class.
+
+With a point group (``symmetry``, Cn or Dn) every minibatch accumulator is symmetrised
+before the update. Classes whose prior falls below 0.2 / K after the similarity phase are re-seeded from the
+largest class plus low-passed noise (§5.3 [I]). The initial maps are non-negative low-passed
+random densities inside the window, scaled so that their CTF-modulated projections carry half
+the data power below r_init. Memory: K maps, their momentum, one minibatch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from kernels.backend import to_host
+from kernels.fourier import Band, lowpass
+from kernels.noise import sigma2_per_shell
+from kernels.projection import prepare_volume, project
+from kernels.reconstruction import Accumulator3D, wiener
+from kernels.refine3d import (
+    EStep3D,
+    constrain,
+    expectation,
+    insert,
+    model_tau2,
+    plan_for,
+    residual_power,
+    update_noise,
+)
+from kernels.rotations import random_rotations
+from kernels.symmetry import point_group
+
+Loader = Callable[[np.ndarray, Band], tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Schedule and options (shells and px of the working box D; pixel_size Å/px at D)."""
+
+    n_classes: int
+    D: int
+    pixel_size: float
+    r_init: float
+    r_max: float
+    n_init_iters: int = 30
+    radius_step: float = 0.25
+    n_final_iters: int = 30
+    batch_size: int = 200
+    learning_rate: float = 0.4
+    learning_rate_final: float = 0.15
+    high_lr_iters: int = 30
+    momentum: float = 0.0
+    class_similarity: float = 0.1
+    similarity_end: int = 40
+    sigma_scale: float = 2.0
+    nonneg: bool = True
+    recentre: bool = True
+    window_radius_px: float | None = None
+    shift_extent_px: float = 3.0
+    max_order: int = 3
+    symmetry: str = "C1"
+
+    @property
+    def n_anneal_iters(self) -> int:
+        return max(0, math.ceil((self.r_max - self.r_init) / self.radius_step))
+
+    @property
+    def n_iterations(self) -> int:
+        return self.n_init_iters + self.n_anneal_iters + self.n_final_iters
+
+    def radius(self, t: int) -> float:
+        """Band radius r_t (shells) of iteration t (0-based)."""
+        return min(self.r_init + self.radius_step * max(0, t - self.n_init_iters + 1), self.r_max)
+
+    def eta(self, t: int) -> float:
+        return self.learning_rate if t < self.high_lr_iters else self.learning_rate_final
+
+    def beta(self, t: int) -> float:
+        half = self.similarity_end / 2
+        if t < half:
+            return self.class_similarity
+        return max(0.0, self.class_similarity * (1 - (t - half) / max(half, 1)))
+
+    def temperature(self, t: int) -> float:
+        """c_t^2: sigma_scale^2 decaying geometrically to 1 at the end of the annealing."""
+        n = self.n_init_iters + self.n_anneal_iters
+        return float(self.sigma_scale ** (2 * max(0.0, 1 - t / max(n, 1))))
+
+    def window(self) -> float:
+        return self.D / 2 - 4 if self.window_radius_px is None else self.window_radius_px
+
+
+class AbInitio:
+    """State of an ab-initio run: maps ``vols`` (K, D, D, D) float32, momentum, pi (K,), noise
+    sigma2 (D//2,). Minibatch t is a sorted random draw (seeded by [seed, t]) from the N
+    particles, so a resumed run continues with the same batches."""
+
+    def __init__(self, settings: Settings, xp: ModuleType, n_particles: int, seed: int) -> None:
+        s = settings
+        self.s, self.xp, self.N, self.seed = s, xp, n_particles, seed
+        K, D = s.n_classes, s.D
+        self.vols = xp.zeros((K, D, D, D), dtype=xp.float32)
+        self.delta = xp.zeros_like(self.vols)
+        self.pi = np.full(K, 1.0 / K)
+        self.sigma2 = xp.ones(D // 2)
+        self.sigma2_0 = xp.ones(D // 2)
+        self.ops = point_group(s.symmetry)
+
+    def batch_indices(self, t: int) -> np.ndarray:
+        B = min(self.s.batch_size, self.N)
+        return np.sort(np.random.default_rng([self.seed, t]).choice(self.N, B, replace=False))
+
+    def initialise(self, load: Loader) -> None:
+        """Noise model from a batch on the full band and random initial maps (module doc)."""
+        s, xp = self.s, self.xp
+        band = Band(s.D, s.r_max)
+        X, C = load(self.batch_indices(1 << 30), band)
+        s2 = to_host(sigma2_per_shell(X, band))
+        s2 = np.concatenate([s2, np.full(max(0, s.D // 2 - s2.size), s2[-1])])[: s.D // 2]
+        s2[0] = s2[1]
+        self.sigma2_0 = xp.asarray(s2)
+        self.sigma2 = xp.asarray(s2)
+        rng = np.random.default_rng([self.seed, 1 << 20])
+        low = Band(s.D, s.r_init)
+        cols = np.searchsorted(band.idx, low.idx)
+        Xl, Cl = X[:, xp.asarray(cols)], C[:, xp.asarray(cols)]
+        data_power = float(xp.mean(xp.abs(Xl) ** 2))
+        for k in range(s.n_classes):
+            v = xp.asarray(rng.normal(size=(s.D,) * 3).astype(np.float32))
+            v = constrain(lowpass(v, min(7.0, s.r_init), 1.0), s.window(), True, False)
+            P = project(prepare_volume(v), xp.asarray(random_rotations(Xl.shape[0], rng)), low)
+            model_power = float(xp.mean(xp.abs(Cl * P) ** 2))
+            self.vols[k] = v * np.float32(math.sqrt(0.5 * data_power / max(model_power, 1e-30)))
+
+    def iterate(self, t: int, load: Loader) -> tuple[np.ndarray, EStep3D, dict[str, Any]]:
+        """One SGD iteration; returns (batch indices, its E-step, metrics)."""
+        s, xp, K = self.s, self.xp, self.s.n_classes
+        r = s.radius(t)
+        band = Band(s.D, int(math.floor(r)))
+        idx = self.batch_indices(t)
+        X, C = load(idx, band)
+        vfts = [prepare_volume(v) for v in self.vols]
+        temp = s.temperature(t)
+        e = expectation(X, C, self.sigma2, band, vfts, np.log(np.maximum(self.pi, 1e-300)),
+                        plan_for(r, s.shift_extent_px, s.max_order), temp)
+        beta = s.beta(t)
+        p = (1 - beta) * e.p + beta / K
+        accs = [Accumulator3D(s.D, 2, xp) for _ in range(K)]
+        insert(accs, X, C, e, band, self.sigma2, p)
+        if len(self.ops) > 1:
+            for a in accs:
+                a.symmetrize(self.ops)
+        eta, scale = s.eta(t), self.N / idx.size
+        for k in range(K):
+            target = wiener(accs[k], model_tau2(self.vols[k], band.r_max), T=scale)
+            self.delta[k] = s.momentum * self.delta[k] + eta * (target - self.vols[k])
+            v = constrain(self.vols[k] + self.delta[k], s.window(), s.nonneg, s.recentre)
+            self.vols[k] = lowpass(v, band.r_max, 1.0)
+        self.pi = (1 - eta) * self.pi + eta * p.mean(axis=0)
+        best = p.argmax(axis=1)
+        self.sigma2 = update_noise(self.sigma2, self.sigma2_0,
+                                   residual_power(X, C, band, vfts, e, best), band, idx.size)
+        if K > 1 and t >= s.similarity_end:
+            self._reseed(t)
+        metrics = {"resolution_A": s.D * s.pixel_size / band.r_max, "temperature": temp,
+                   "class_similarity": beta, "class_fractions": [round(float(x), 4) for x in self.pi],
+                   "mean_class_ess": float(e.class_ess.mean())}
+        return idx, e, metrics
+
+    def _reseed(self, t: int) -> None:
+        """Re-seed classes with pi < 0.2 / K from the largest class plus low-passed noise."""
+        s, xp = self.s, self.xp
+        dead = np.flatnonzero(self.pi < 0.2 / s.n_classes)
+        if dead.size == 0:
+            return
+        j = int(self.pi.argmax())
+        rng = np.random.default_rng([self.seed, 2 << 20, t])
+        sd = float(xp.std(self.vols[j]))
+        for k in dead:
+            noise = xp.asarray(rng.normal(0, sd, (s.D,) * 3).astype(np.float32))
+            self.vols[k] = self.vols[j] + lowpass(noise, 4.0, 1.0)
+            self.delta[k] = 0
+            self.pi[k] = self.pi[j] = self.pi[j] / 2
+
+    def assign(self, X: Any, C: Any, band: Band) -> EStep3D:
+        """Final E-step (temperature 1, no similarity) of particles on ``band``."""
+        vfts = [prepare_volume(v) for v in self.vols]
+        return expectation(X, C, self.sigma2, band, vfts, np.log(np.maximum(self.pi, 1e-300)),
+                           plan_for(band.r_max, self.s.shift_extent_px, self.s.max_order), 1.0)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"vols": to_host(self.vols), "delta": to_host(self.delta), "pi": self.pi,
+                "sigma2": to_host(self.sigma2), "sigma2_0": to_host(self.sigma2_0)}
+
+    def load_state(self, d: dict[str, np.ndarray]) -> None:
+        xp = self.xp
+        self.vols, self.delta = xp.asarray(d["vols"]), xp.asarray(d["delta"])
+        self.pi = np.asarray(d["pi"], dtype=np.float64)
+        self.sigma2, self.sigma2_0 = xp.asarray(d["sigma2"]), xp.asarray(d["sigma2_0"])
