@@ -25,6 +25,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/class2d.py
 
 clean:
 	rm -rf $(VENV) cryodag_project .pytest_cache

@@ -64,7 +64,7 @@ def homogeneous() -> Set3D:
 
 @pytest.fixture(scope="module")
 def states() -> Set3D:
-    return simulate([200, 200, 200], D=D, pixel_size=A, snr=SNR, seed=1)
+    return simulate([200, 200, 200], D=D, pixel_size=A, snr=3.0, seed=1)
 
 
 def test_abinitio_one_class(homogeneous: Set3D) -> None:
@@ -79,31 +79,28 @@ def test_abinitio_one_class(homogeneous: Set3D) -> None:
     assert r0143 >= R_MAX * 12 / 14
 
 
-def test_abinitio_three_states_and_hetero(states: Set3D) -> None:
-    """Ab-initio K = 3 on a 3-state mixture, then heterogeneous refinement from its maps on all
-    particles: every state is the best match of a different class; ARIs against the oracle."""
-    oracle, err = _oracle(states)
-    eng = _abinitio(states, 3, seed=1)
-    corr = np.array([[align_volume(np.asarray(v), m, order=1).corr for m in states.maps] for v in eng.vols])
-    band = Band(D, R_MAX)
+def test_hetero_from_lowpassed_truth(states: Set3D) -> None:
+    """Hetero refinement from the true state maps low-passed to 30 Å (§7.3 E1 (b)): ARI within
+    0.1 of the oracle, median pose error within 3 deg of the oracle's, class fractions within
+    0.05 of the truth."""
+    oracle, oracle_err = _oracle(states)
     idx = np.arange(len(states.state))
+    band = Band(D, R_MAX)
     X, C = states.load(idx, band)
-    abi = eng.assign(X, C, band)
-    abi_ari = ari(abi.p.argmax(1), states.state)
-    st = ht.Settings(n_classes=3, D=D, pixel_size=A, r_max=R_MAX, r_init=5, batch_per_class=100,
-                     n_random_iters=2, max_oem_iters=10, lr_random=0.3, lr_init=0.5, n_full_iters=1,
-                     shift_extent_px=2.0)
+    st = ht.Settings(n_classes=3, D=D, pixel_size=A, r_max=R_MAX, r_init=round(D * A / 30), batch_per_class=100,
+                     n_random_iters=0, max_oem_iters=8, lr_init=0.5, n_full_iters=1, shift_extent_px=2.0)
     het = ht.HeteroRefine(st, np, idx.size, 0)
-    het.initialise(np.asarray(eng.vols), states.load)
+    het.initialise(states.maps, states.load)
     for t in range(st.max_oem_iters):
         _, _, m = het.oem_iteration(t, states.load)
         if het.converged(t, m):
             break
     out = het.full_iteration([(idx, X, C)], band)
-    het_ari = ari(out.cls, states.state)
-    print(f"oracle ARI {oracle:.3f} (median pose error {err:.1f} deg); ab-initio K=3 ARI {abi_ari:.3f}, "
-          f"aligned corr class x state\n{np.round(corr, 3)}\nhetero ARI {het_ari:.3f} after {t + 1} O-EM "
-          f"iterations")
-    assert len(set(corr.argmax(axis=0))) == 3
-    assert abi_ari >= oracle - 0.2
-    assert het_ari >= oracle - 0.1
+    score = ari(out.cls, states.state)
+    err = float(np.median(angular_distance_deg(out.R, states.R)))
+    fractions = np.bincount(out.cls, minlength=3) / idx.size
+    print(f"oracle ARI {oracle:.3f}, pose error {oracle_err:.1f} deg; hetero ARI {score:.3f}, "
+          f"pose error {err:.1f} deg after {t + 1} O-EM iterations, fractions {np.round(fractions, 3)}")
+    assert score >= oracle - 0.1
+    assert err <= oracle_err + 3.0
+    assert np.abs(fractions - 1 / 3).max() <= 0.05
