@@ -104,3 +104,25 @@ def test_hetero_from_lowpassed_truth(states: Set3D) -> None:
     assert score >= oracle - 0.1
     assert err <= oracle_err + 3.0
     assert np.abs(fractions - 1 / 3).max() <= 0.05
+
+
+@pytest.mark.gpu
+def test_gpu_expectation_parity_with_numpy(states: Set3D) -> None:
+    """The 3D E-step gives the same classes and best poses on CuPy as on NumPy."""
+    from kernels import backend
+
+    if not backend.cupy_available():
+        pytest.skip("CuPy with a usable GPU is not available")
+    import cupy
+
+    band = Band(D, R_MAX)
+    X, C = states.load(np.arange(100), band)
+    sigma2 = np.full(D // 2, D * D * states.noise_var / 2)
+    res = []
+    for xp in (np, cupy):
+        e = expectation(xp.asarray(X), xp.asarray(C), xp.asarray(sigma2), band,
+                        [prepare_volume(xp.asarray(m)) for m in states.maps], np.log(np.full(3, 1 / 3)),
+                        plan_for(R_MAX, 2.0), 1.0)
+        res.append((e.p.argmax(1), backend.to_host(e.result.grid_index)))
+    assert np.mean(res[0][0] == res[1][0]) >= 0.99
+    assert np.mean(res[0][1] == res[1][1]) >= 0.99

@@ -435,3 +435,24 @@ def test_sigma_annealing_off_keeps_low_contrast_junk() -> None:
     print(f"junk class survives: annealing on {survived[True]}, off {survived[False]}")
     assert all(survived[False])
     assert sum(survived[True]) < sum(survived[False])
+
+
+@pytest.mark.gpu
+def test_gpu_estep_parity_with_numpy(views: Data) -> None:
+    """T6 on the device: the same batch gives the same best classes and poses on CuPy."""
+    from kernels import backend
+
+    if not backend.cupy_available():
+        pytest.skip("CuPy with a usable GPU is not available")
+    import cupy
+
+    rng = np.random.default_rng(2)
+    out = []
+    for xp in (np, cupy):
+        clf = c2.Classifier2D(settings(4), xp)
+        clf.refs = xp.asarray(rng.normal(size=(4, DW, DW)).astype(np.float32)) if xp is np else \
+            cupy.asarray(out[0][0])
+        e = clf.expectation(xp.asarray(views.X[:200]), xp.asarray(views.C[:200]), c2.psi_grid(clf.s))
+        out.append((backend.to_host(clf.refs), backend.to_host(e.loglik).argmax(1), backend.to_host(e.psi_index)))
+    assert np.mean(out[0][1] == out[1][1]) >= 0.995
+    assert np.mean(out[0][2] == out[1][2]) >= 0.99
