@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import starfile
-from scipy.special import comb
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "kernels")]
@@ -40,33 +39,13 @@ from jobs.context import JobContext  # noqa: E402
 from jobs.io.star import ParticleTables  # noqa: E402
 from jobs.particles import write_particle_set  # noqa: E402
 from kernels import backend  # noqa: E402
-
-
-def ari(a: np.ndarray, b: np.ndarray) -> float:
-    """Adjusted Rand index of two labelings (N,)."""
-    a = np.unique(a, return_inverse=True)[1]
-    b = np.unique(b, return_inverse=True)[1]
-    M = np.zeros((a.max() + 1, b.max() + 1))
-    np.add.at(M, (a, b), 1)
-    s, sa, sb = comb(M, 2).sum(), comb(M.sum(1), 2).sum(), comb(M.sum(0), 2).sum()
-    e = sa * sb / comb(a.size, 2)
-    return float((s - e) / (0.5 * (sa + sb) - e))
-
-
-def purity(cls: np.ndarray, view: np.ndarray) -> float:
-    """Fraction of particles whose true view is the majority view of their class."""
-    c = np.unique(cls, return_inverse=True)[1]
-    M = np.zeros((c.max() + 1, view.max() + 1), int)
-    np.add.at(M, (c, view), 1)
-    return float(M.max(1).sum() / M.sum())
+from kernels.clustering import adjusted_rand_index as ari  # noqa: E402
+from kernels.clustering import contingency, purity  # noqa: E402
 
 
 def views_covered(cls: np.ndarray, view: np.ndarray) -> int:
     """Number of true views that are the majority view of at least one class."""
-    c = np.unique(cls, return_inverse=True)[1]
-    M = np.zeros((c.max() + 1, view.max() + 1), int)
-    np.add.at(M, (c, view), 1)
-    return len(set(M.argmax(1).tolist()))
+    return len(set(contingency(cls, view).argmax(1).tolist()))
 
 
 def make_dataset(args: argparse.Namespace, root: Path) -> tuple[ParticleSet, np.ndarray]:

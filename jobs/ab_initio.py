@@ -22,11 +22,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from jobs import plots3d
 from jobs.artifacts import ParticleSet, VolumeSet
-from jobs.base import JobParams, JobType, Slot
+from jobs.base import JobParams, JobType, PointGroup, Slot
 from jobs.context import JobContext
 from jobs.errors import JobInputError
 from jobs.io.star import ParticleTables
@@ -38,7 +38,6 @@ from kernels.backend import get_xp, to_host
 from kernels.fourier import Band, fourier_pad
 from kernels.refine3d import EStep3D
 from kernels.rotations import matrix_to_euler
-from kernels.symmetry import point_group
 
 STATE_FILE = "state.npz"
 
@@ -65,15 +64,9 @@ class Params(JobParams):
     center_structures: bool = Field(True, description="Centre structures in real space")
     mask_diameter_A: float | None = Field(None, gt=0, description="Spherical window diameter (Å); None: box")
     offset_range_A: float | None = Field(None, gt=0, description="Shift search radius (Å); None: 10% of the box")
-    symmetry: str = Field("C1", description="Point group (Cn or Dn)")
+    symmetry: PointGroup = Field("C1", description="Point group (Cn or Dn)")
     checkpoint_every: int = Field(10, ge=1, description="Iterations between checkpoints")
     chunk_size: int = Field(1000, ge=1, description="Particles per chunk of the final assignment")
-
-    @field_validator("symmetry")
-    @classmethod
-    def _group(cls, v: str) -> str:
-        point_group(v)
-        return v.upper()
 
 
 def _subset(n: int, params: Params) -> np.ndarray:

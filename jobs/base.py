@@ -9,14 +9,24 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from jobs.artifacts import Artifact
+from kernels.symmetry import point_group
 
 if TYPE_CHECKING:
     from jobs.context import JobContext
+
+
+def _point_group_symbol(v: str) -> str:
+    point_group(v)
+    return v.strip().upper()
+
+
+#: A point-group param ("C1", "C4", "D7"), validated and upper-cased.
+PointGroup = Annotated[str, AfterValidator(_point_group_symbol)]
 
 
 class JobParams(BaseModel):

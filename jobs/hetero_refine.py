@@ -19,11 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from jobs import plots2d, plots3d
 from jobs.artifacts import ParticleSet, VolumeSet
-from jobs.base import JobParams, JobType, Slot
+from jobs.base import JobParams, JobType, PointGroup, Slot
 from jobs.context import JobContext
 from jobs.errors import JobInputError
 from jobs.io.star import ParticleTables
@@ -34,7 +34,6 @@ from kernels import hetero as ht
 from kernels.backend import get_xp, to_host
 from kernels.fourier import Band, fourier_pad
 from kernels.rotations import matrix_to_euler
-from kernels.symmetry import point_group
 
 STATE_FILE = "state.npz"
 
@@ -58,15 +57,9 @@ class Params(JobParams):
     force_hard_classification: bool = Field(False, description="Hard class assignments in the M-step")
     initial_sigma_scale: float = Field(3.0, ge=1, description="Initial noise scale (annealed to 1)")
     offset_range_A: float | None = Field(None, gt=0, description="Shift search radius (Å); None: 10% of the box")
-    symmetry: str = Field("C1", description="Point group (Cn or Dn)")
+    symmetry: PointGroup = Field("C1", description="Point group (Cn or Dn)")
     checkpoint_every: int = Field(5, ge=1, description="O-EM iterations between checkpoints")
     chunk_size: int = Field(1000, ge=1, description="Particles per chunk in full passes")
-
-    @field_validator("symmetry")
-    @classmethod
-    def _group(cls, v: str) -> str:
-        point_group(v)
-        return v.upper()
 
 
 def _references(params: Params, vs: VolumeSet, ctx: JobContext, D: int, a: float) -> list[np.ndarray]:

@@ -38,13 +38,13 @@ import numpy as np
 
 from kernels.backend import to_host
 from kernels.fourier import Band, lowpass
-from kernels.noise import sigma2_per_shell
 from kernels.projection import prepare_volume, project
 from kernels.reconstruction import Accumulator3D, wiener
 from kernels.refine3d import (
     EStep3D,
     constrain,
     expectation,
+    initial_noise,
     insert,
     model_tau2,
     plan_for,
@@ -139,11 +139,8 @@ class AbInitio:
         s, xp = self.s, self.xp
         band = Band(s.D, s.r_max)
         X, C = load(self.batch_indices(1 << 30), band)
-        s2 = to_host(sigma2_per_shell(X, band))
-        s2 = np.concatenate([s2, np.full(max(0, s.D // 2 - s2.size), s2[-1])])[: s.D // 2]
-        s2[0] = s2[1]
-        self.sigma2_0 = xp.asarray(s2)
-        self.sigma2 = xp.asarray(s2)
+        self.sigma2_0 = initial_noise(X, band, s.D)
+        self.sigma2 = self.sigma2_0.copy()
         rng = np.random.default_rng([self.seed, 1 << 20])
         low = Band(s.D, s.r_init)
         cols = np.searchsorted(band.idx, low.idx)

@@ -40,10 +40,17 @@ import numpy as np
 from kernels.backend import to_host
 from kernels.fourier import Band, lowpass
 from kernels.fsc import fsc, resolution_at
-from kernels.noise import sigma2_per_shell
 from kernels.projection import prepare_volume
 from kernels.reconstruction import Accumulator3D, tau2_from_fsc, wiener
-from kernels.refine3d import EStep3D, expectation, insert, plan_for, residual_power, update_noise
+from kernels.refine3d import (
+    EStep3D,
+    expectation,
+    initial_noise,
+    insert,
+    plan_for,
+    residual_power,
+    update_noise,
+)
 from kernels.symmetry import point_group
 
 Loader = Callable[[np.ndarray, Band], tuple[Any, Any]]
@@ -130,11 +137,8 @@ class HeteroRefine:
         band = Band(s.D, s.r_max)
         idx = np.sort(np.random.default_rng([self.seed, 1 << 20]).choice(self.N, min(self.N, 1000), replace=False))
         X, _ = load(idx, band)
-        s2 = to_host(sigma2_per_shell(X, band))
-        s2 = np.concatenate([s2, np.full(max(0, s.D // 2 - s2.size), s2[-1])])[: s.D // 2]
-        s2[0] = s2[1]
-        self.sigma2_0 = xp.asarray(s2)
-        self.sigma2 = xp.asarray(s2)
+        self.sigma2_0 = initial_noise(X, band, s.D)
+        self.sigma2 = self.sigma2_0.copy()
 
     def batch_indices(self, t: int) -> np.ndarray:
         B = min(self.s.batch_per_class * self.s.n_classes, self.N)

@@ -27,6 +27,7 @@ from kernels.align3d import KeepPolicy, PoseSet, SearchResult, global_search, in
 from kernels.backend import to_host, xp_of
 from kernels.fourier import Band, freqs_3d, irfft3c, rfft3c, soft_spherical_mask
 from kernels.grids import so3_step_deg
+from kernels.noise import sigma2_per_shell
 from kernels.posterior import class_posteriors
 from kernels.projection import VolumeFT, prepare_volume, project
 from kernels.reconstruction import Accumulator3D
@@ -131,6 +132,17 @@ def residual_power(X: Any, C: Any, band: Band, vfts: Sequence[VolumeFT], e: ESte
         out += xp.bincount(xp.broadcast_to(band.on(xp, "shell"), pw.shape).ravel(),
                            weights=pw.ravel(), minlength=band.n_shells)
     return out
+
+
+def initial_noise(X: Any, band: Band, D: int) -> Any:
+    """sigma2_0 (D//2,) from band data X (B, nF) (§1.6; signal included, an overestimate at low
+    resolution that acts as an initial noise scale): per-shell power, extended flat beyond the
+    band, the DC shell copied from shell 1."""
+    xp = xp_of(X)
+    s2 = to_host(sigma2_per_shell(X, band))
+    s2 = np.concatenate([s2, np.full(max(0, D // 2 - s2.size), s2[-1])])[: D // 2]
+    s2[0] = s2[1]
+    return xp.asarray(s2)
 
 
 def shell_pixels(band: Band, xp: Any) -> Any:

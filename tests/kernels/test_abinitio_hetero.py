@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sim3d import Set3D, simulate
-from test_classify2d import ari
 
 from kernels import abinitio as ab
 from kernels import hetero as ht
+from kernels.clustering import adjusted_rand_index as ari
 from kernels.fourier import Band, lowpass
 from kernels.fsc import fsc
 from kernels.projection import prepare_volume

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 from c2d_views import ViewSet, add_junk, aligned_corr, band_ctf, edge_images, simulate
-from scipy.special import comb
 
 from kernels import classify2d as c2
+from kernels.clustering import adjusted_rand_index as ari
 from kernels.fourier import Band, fourier_crop, rfft2c, shift_phase
 from kernels.fsc import fsc
 from kernels.phantom import blob_images, project_atoms
@@ -30,17 +30,6 @@ DW = 28
 AW = D * A / DW
 SNR = 0.1
 TIMINGS: dict[str, float] = {}
-
-
-def ari(a: np.ndarray, b: np.ndarray) -> float:
-    """Adjusted Rand index of two labelings."""
-    a = np.unique(a, return_inverse=True)[1]
-    b = np.unique(b, return_inverse=True)[1]
-    M = np.zeros((a.max() + 1, b.max() + 1))
-    np.add.at(M, (a, b), 1)
-    s, sa, sb = comb(M, 2).sum(), comb(M.sum(1), 2).sum(), comb(M.sum(0), 2).sum()
-    e = sa * sb / comb(a.size, 2)
-    return float((s - e) / (0.5 * (sa + sb) - e))
 
 
 def majority(cls: np.ndarray, view: np.ndarray, K: int) -> np.ndarray:
