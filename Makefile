@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/class2d.py
+	$(BIN)/python bench/abinitio_hetero.py
 
 clean:
 	rm -rf $(VENV) cryodag_project .pytest_cache
