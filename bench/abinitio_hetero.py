@@ -32,7 +32,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ import starfile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "kernels"), str(ROOT / "bench")]
 
+from class2d import run_relion  # noqa: E402
 from sim3d import CS, Q0, VOLTAGE, Set3D, simulate  # noqa: E402
 
 from jobs.artifacts import ParticleSet  # noqa: E402
@@ -81,21 +81,6 @@ def write_set(root: Path, name: str, s: Set3D) -> ParticleSet:
     tables = ParticleTables(optics=optics, particles=parts, source=root / f"{name}.star")
     D = s.images.shape[-1]
     return write_particle_set(ctx, "particles", tables, [s.images], D, s.pixel_size)
-
-
-def run_relion(cmd: list[str], root: Path, out: Path) -> float:
-    """Run relion_refine (cwd ``root``, log in out/log.txt) -> wall time s; exits on failure."""
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    print("RELION:", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    with open(out / "log.txt", "w") as log:
-        proc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        sys.exit(f"relion_refine failed ({proc.returncode}); see {out / 'log.txt'}:\n"
-                 + (out / "log.txt").read_text()[-2000:])
-    return wall
 
 
 def sgd_images(log: str) -> int:

@@ -48,6 +48,21 @@ def views_covered(cls: np.ndarray, view: np.ndarray) -> int:
     return len(set(contingency(cls, view).argmax(1).tolist()))
 
 
+def run_relion(cmd: list[str], root: Path, out: Path) -> float:
+    """Run relion_refine (cwd ``root``, log in out/log.txt) -> wall time s; exits on failure."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    print("RELION:", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"relion_refine failed ({proc.returncode}); see {out / 'log.txt'}:\n"
+                 + (out / "log.txt").read_text()[-2000:])
+    return wall
+
+
 def make_dataset(args: argparse.Namespace, root: Path) -> tuple[ParticleSet, np.ndarray]:
     """Simulate, normalise to unit noise std and write jobs/sim/particles.{star,mrcs} -> (set, view (N,))."""
     counts = np.full(args.views, args.particles // args.views)
@@ -93,20 +108,10 @@ def relion_command(args: argparse.Namespace, star: str) -> list[str]:
             "--random_seed", str(args.seed + 1)]  # seed 0 would switch off RELION's particle-order shuffle
 
 
-def run_relion(args: argparse.Namespace, root: Path, ps: ParticleSet) -> tuple[np.ndarray, float]:
+def classify_relion(args: argparse.Namespace, root: Path, ps: ParticleSet) -> tuple[np.ndarray, float]:
     """relion_refine as a subprocess -> (class (N,) in input order, wall time s)."""
     out = root / "relion"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    cmd = relion_command(args, ps.star)
-    print("RELION:", " ".join(cmd))
-    t0 = time.perf_counter()
-    with open(out / "log.txt", "w") as log:
-        proc = subprocess.run(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, check=False)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        sys.exit(f"relion_refine failed ({proc.returncode}); see {out / 'log.txt'}:\n"
-                 + (out / "log.txt").read_text()[-2000:])
+    wall = run_relion(relion_command(args, ps.star), root, out)
     last = sorted(out.glob("run_it*_data.star"))[-1]
     data = starfile.read(last, always_dict=True)["particles"]
     inp = starfile.read(root / ps.star, always_dict=True)["particles"]
@@ -156,7 +161,7 @@ def main() -> None:
     rows.append(("cryodag class_2d", f"{args.oem_iter} O-EM + 1 full", cls, wall))
     print(f"cryodag: {wall:.1f} s")
     if not args.skip_relion:
-        cls, wall = run_relion(args, root, ps)
+        cls, wall = classify_relion(args, root, ps)
         rows.append(("RELION 3.1 relion_refine", str(args.relion_iter), cls, wall))
         print(f"RELION: {wall:.1f} s")
 
