@@ -19,6 +19,7 @@ _MODULES: dict[str, str] = {
     "rebalance_2d": "jobs.rebalance_2d",
     "ab_initio": "jobs.ab_initio",
     "hetero_refine": "jobs.hetero_refine",
+    "homo_refine": "jobs.homo_refine",
     "class_3d": "jobs.class_3d",
 }
 

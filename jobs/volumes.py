@@ -1,8 +1,9 @@
 """Maps on disk (VolumeSet): MRC files with voxel size, optional half maps and an FSC table.
 
-Shared by the 3D jobs (ab_initio, hetero_refine, later homo_refine, class_3d). FSC tables are
+Shared by the 3D jobs (ab_initio, hetero_refine, homo_refine, class_3d). FSC tables are
 STAR `data_fsc` blocks with RELION's columns (rlnSpectralIndex, rlnResolution (1/Å),
-rlnAngstromResolution, rlnFourierShellCorrelation).
+rlnAngstromResolution, rlnFourierShellCorrelation), plus any further curves a job adds under
+RELION postprocess names (rlnFourierShellCorrelationUnmaskedMaps, ...).
 """
 
 from __future__ import annotations
@@ -24,39 +25,47 @@ from kernels.fourier import fourier_crop, fourier_pad
 
 @dataclass(frozen=True)
 class MapOut:
-    """One map to write: map (D, D, D), optional half maps and FSC curve (D//2,) at pixel_size."""
+    """One map to write: map (D, D, D), optional half maps, FSC curve (D//2,), further FSC curves
+    by STAR column name (written in the same table) and a mask (D, D, D) at pixel_size."""
 
     map: np.ndarray
     half_a: np.ndarray | None = None
     half_b: np.ndarray | None = None
     fsc: np.ndarray | None = None
     resolution_A: float | None = None
+    fsc_extra: dict[str, np.ndarray] | None = None
+    mask: np.ndarray | None = None
 
 
-def fsc_table(curve: np.ndarray, box: int, pixel_size: float) -> pd.DataFrame:
-    """RELION-style FSC table for a curve over shells 0 .. len-1 of a box at pixel_size Å."""
+def fsc_table(curve: np.ndarray, box: int, pixel_size: float,
+              extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """RELION-style FSC table for a curve over shells 0 .. len-1 of a box at pixel_size Å, with
+    ``extra`` curves of the same length as further columns."""
     r = np.arange(len(curve))
     inv = r / (box * pixel_size)
-    return pd.DataFrame({"rlnSpectralIndex": r, "rlnResolution": inv,
-                         "rlnAngstromResolution": np.where(r > 0, 1.0 / np.maximum(inv, 1e-30), 999.0),
-                         "rlnFourierShellCorrelation": np.asarray(curve, dtype=np.float64)})
+    columns = {"rlnSpectralIndex": r, "rlnResolution": inv,
+               "rlnAngstromResolution": np.where(r > 0, 1.0 / np.maximum(inv, 1e-30), 999.0),
+               "rlnFourierShellCorrelation": np.asarray(curve, dtype=np.float64)}
+    for name, c in (extra or {}).items():
+        columns[name] = np.asarray(c, dtype=np.float64)
+    return pd.DataFrame(columns)
 
 
 def write_volume_set(ctx: JobContext, name: str, maps: list[MapOut], pixel_size: float) -> VolumeSet:
-    """Write maps as `<name>_NNN.mrc` (+ `_half_a/_half_b.mrc`, `_fsc.star`) -> VolumeSet."""
+    """Write maps as `<name>_NNN.mrc` (+ `_half_a/_half_b/_mask.mrc`, `_fsc.star`) -> VolumeSet."""
     vols = []
     box = int(maps[0].map.shape[-1])
     for k, m in enumerate(maps, start=1):
         stem = f"{name}_{k:03d}"
         refs: dict[str, str | float | None] = {"resolution_A": m.resolution_A}
-        for key, data in (("map", m.map), ("half_a", m.half_a), ("half_b", m.half_b)):
+        for key, data in (("map", m.map), ("half_a", m.half_a), ("half_b", m.half_b), ("mask", m.mask)):
             if data is not None:
                 path = ctx.path(f"{stem}.mrc" if key == "map" else f"{stem}_{key}.mrc")
                 write_mrc(path, data, pixel_size)
                 refs[key] = ctx.ref(path)
         if m.fsc is not None:
             path = ctx.path(f"{stem}_fsc.star")
-            write_star(path, {"fsc": fsc_table(m.fsc, box, pixel_size)})
+            write_star(path, {"fsc": fsc_table(m.fsc, box, pixel_size, m.fsc_extra)})
             refs["fsc"] = ctx.ref(path)
         vols.append(Volume(**refs))
     return VolumeSet(volumes=vols, box=box, pixel_size=pixel_size)

@@ -37,7 +37,7 @@ Preparation (``prepare``): initial sigma2 from a random batch; the consensus map
 reconstructed from all particles) scaled to the data (median least-squares scale); per-particle
 scale alpha: none (1), input, or optimal (noise-weighted least squares against the consensus on
 the classification band (§1.13), clipped to [0.2, 5] x median); sigma2 from the consensus
-residuals of the batch; the solvent mask (given, or ``auto_mask`` of the consensus low-passed to
+residuals of the batch; the solvent mask (given, or ``masks.threshold_mask`` of the consensus low-passed to
 r_init); initial maps (given maps, or "simple": Wiener maps of K disjoint random subsets of
 ``init_subset`` particles) low-passed to r_init.
 
@@ -54,11 +54,11 @@ from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage
 
-from kernels.backend import to_host, xp_of
+from kernels.backend import to_host
 from kernels.fourier import Band, lowpass
 from kernels.fsc import fsc, resolution_at
+from kernels.masks import threshold_mask
 from kernels.noise import per_particle_scale
 from kernels.posterior import class_posteriors
 from kernels.projection import VolumeFT, prepare_volume, project
@@ -81,7 +81,7 @@ class Settings:
     (target resolution), r_init: low-pass of the initial maps, r_hp: highpass (band r_hp < r);
     lr_half_life in % of the O-EM iterations (0: constant rate); fsc_every: O-EM iterations
     between class FSC updates; switch_tol: fraction of particles; init_subset: particles per
-    class of the "simple" initialisation; mask_*: ``auto_mask`` of the consensus; chunk:
+    class of the "simple" initialisation; mask_*: ``masks.threshold_mask`` of the consensus; chunk:
     particles per chunk of full passes; min_weight: smaller p_ik are not back-projected."""
 
     n_classes: int
@@ -122,17 +122,6 @@ class Settings:
         """O-EM learning rate of iteration t of n_oem."""
         h = self.lr_half_life / 100.0 * n_oem
         return self.lr_init if h <= 0 else self.lr_init * 0.5 ** (t / h)
-
-
-def auto_mask(vol: Any, threshold: float, near_px: float, far_px: float) -> Any:
-    """Soft mask (D, D, D) float32 of a map: 1 within near_px of the voxels above
-    threshold x max, raised-cosine falloff to 0 at far_px (cryoSPARC auto mask, §1.11)."""
-    xp = xp_of(vol)
-    v = to_host(vol)
-    binary = v > threshold * float(v.max())
-    d = ndimage.distance_transform_edt(~binary)
-    u = np.clip((d - near_px) / max(far_px - near_px, 1e-6), 0.0, 1.0)
-    return xp.asarray((0.5 * (1.0 + np.cos(np.pi * u))).astype(np.float32))
 
 
 def tune_similarity(p: np.ndarray, target_fraction: float) -> float:
@@ -373,7 +362,7 @@ class Class3D:
         self.sigma2_0 = update_noise(self.sigma2_0, self.sigma2_0, sp, self.band, idx0.size)
         self.sigma2 = self.sigma2_0.copy()
         smooth = lowpass(self.consensus, s.r_init, 1.0)
-        self.solvent = (auto_mask(smooth, s.mask_threshold, s.mask_near_px, s.mask_far_px) if solvent is None
+        self.solvent = (threshold_mask(smooth, s.mask_threshold, s.mask_near_px, s.mask_far_px) if solvent is None
                         else xp.asarray(solvent, dtype=xp.float32))
         if focus is not None:
             self.focus = xp.asarray(focus, dtype=xp.float32)

@@ -24,8 +24,8 @@ from jobs.io.mrc import write_mrc
 from jobs.io.star import ParticleTables
 from jobs.particles import read_tables, write_particle_set, write_particle_star
 from jobs.volumes import MapOut, write_volume_set
-from kernels.class3d import auto_mask
 from kernels.clustering import adjusted_rand_index as ari
+from kernels.masks import threshold_mask
 from kernels.rotations import matrix_to_euler
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "kernels"))
@@ -64,7 +64,7 @@ def project(tmp_path_factory) -> tuple[Path, dict, np.ndarray]:
     masks = {}
     for name, vol, near in (("mask", consensus, 1.0), ("focus_mask", s.maps[0] - s.maps[1], 1.0)):
         path = ctx.path(f"{name}.mrc")
-        write_mrc(path, auto_mask(vol, 0.2, near, near + 2.0), PIXEL)
+        write_mrc(path, threshold_mask(vol, 0.2, near, near + 2.0), PIXEL)
         masks[name] = Mask(map=ctx.ref(path), box=BOX, pixel_size=PIXEL)
     inputs = {"particles": ps, "volumes": write_volume_set(ctx, "consensus", [MapOut(consensus)], PIXEL),
               "initial_volumes": write_volume_set(ctx, "init", [MapOut(m) for m in s.maps], PIXEL), **masks}

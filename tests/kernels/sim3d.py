@@ -32,7 +32,8 @@ VOLTAGE, CS, Q0 = 300.0, 2.7, 0.1
 @dataclass
 class Set3D:
     """images (N, D, D) float32; truth: state (N,), R (N, 3, 3), shift (N, 2) px (content moved
-    by +t); defocus (N, 3) U, V (Å), angle (deg); maps (S, D, D, D) of each state."""
+    by +t); defocus (N, 3) U, V (Å), angle (deg); maps (S, D, D, D) of each state; per-particle
+    amplitude scale (N,) (ones unless ``simulate(scale=...)``)."""
 
     images: np.ndarray
     state: np.ndarray
@@ -42,6 +43,7 @@ class Set3D:
     maps: np.ndarray
     pixel_size: float
     noise_var: float
+    scale: np.ndarray | None = None
 
     def load(self, idx: np.ndarray, band: Band) -> tuple[np.ndarray, np.ndarray]:
         """(X (B, nF) complex64, C (B, nF) float32) of particles idx on ``band``."""
@@ -53,9 +55,12 @@ class Set3D:
 
 
 def simulate(counts: list[int], *, D: int = 32, pixel_size: float = 6.0, snr: float = 0.1,
-             seed: int = 0, shift_sd: float = 1.0, n_atoms: int = 160) -> Set3D:
+             seed: int = 0, shift_sd: float = 1.0, n_atoms: int = 160,
+             scale: tuple[float, ...] | None = None) -> Set3D:
     """len(counts) states (<= 3: full complex, one domain removed, one domain moved by 4 px)
-    of one phantom with counts[s] particles each, shuffled."""
+    of one phantom with counts[s] particles each, shuffled. ``scale``: values of a per-particle
+    signal amplitude drawn uniformly at random (own random stream; the noise level is set
+    from the unscaled signal)."""
     rng = np.random.default_rng(seed)
     ph = make_phantom(D, rng, n_atoms=n_atoms, n_domains=4, radius_frac=0.36)
     states: list[State] = [base_state(ph), state_without(ph, 1), state_moved(ph, 2, np.array([4.0, 0, 0]))]
@@ -72,9 +77,10 @@ def simulate(counts: list[int], *, D: int = 32, pixel_size: float = 6.0, snr: fl
                  cs_mm=CS, amplitude_contrast=Q0)
     signal = apply_ctf(clean, ctf)
     noise_var = float(disk_signal_variance(signal, 0.4 * D).mean() / snr)
-    images = (signal + rng.normal(0, np.sqrt(noise_var), signal.shape)).astype(np.float32)
+    sc = np.ones(n) if scale is None else np.random.default_rng([seed, 1]).choice(np.asarray(scale, float), n)
+    images = (signal * sc[:, None, None] + rng.normal(0, np.sqrt(noise_var), signal.shape)).astype(np.float32)
     maps = np.stack([_state_map(ph, states, s, D) for s in range(len(counts))])
-    return Set3D(images, state, R, shift, defocus, maps, pixel_size, noise_var)
+    return Set3D(images, state, R, shift, defocus, maps, pixel_size, noise_var, sc)
 
 
 def _state_map(ph: Phantom, states: list[State], s: int, D: int) -> np.ndarray:

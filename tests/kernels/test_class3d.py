@@ -22,6 +22,7 @@ from sim3d import Set3D, simulate
 from kernels import class3d as c3
 from kernels.clustering import adjusted_rand_index as ari
 from kernels.fourier import Band
+from kernels.masks import threshold_mask
 from kernels.projection import prepare_volume, project
 from kernels.rotations import rotvec_to_matrix
 
@@ -157,7 +158,7 @@ def test_focus_mask_ignores_change_elsewhere() -> None:
     (measured 0.96; the E-step with the true maps composed the same way reaches 0.99)."""
     s = simulate([200, 200, 200], D=D, pixel_size=A, snr=0.5, seed=2)
     target = (s.state == 1).astype(int)
-    focus = c3.auto_mask(s.maps[0] - s.maps[1], 0.2, 1.0, 3.0)
+    focus = threshold_mask(s.maps[0] - s.maps[1], 0.2, 1.0, 3.0)
     plain = _run(s, _settings())
     focused = _run(s, _settings(), focus=focus)
     a_plain, a_focus = ari(plain.cls, target), ari(focused.cls, target)
@@ -203,11 +204,11 @@ def test_init_input_maps_and_optimal_scale(easy: Set3D) -> None:
 
 
 def test_auto_mask_and_similarity_tuning() -> None:
-    """auto_mask: 1 on the thresholded map, raised-cosine falloff from near to far, 0 beyond.
+    """threshold_mask: 1 on the thresholded map, raised-cosine falloff from near to far, 0 beyond.
     tune_similarity: the smallest beta whose mixed posteriors reach the target mean ESS."""
     vol = np.zeros((D, D, D), np.float32)
     vol[12, 12, 12] = 1.0
-    m = c3.auto_mask(vol, 0.5, 2.0, 4.0)
+    m = threshold_mask(vol, 0.5, 2.0, 4.0)
     assert m[12, 12, 12] == 1.0 and m[12, 12, 14] == 1.0 and m[12, 12, 15] == pytest.approx(0.5)
     assert m[12, 12, 16] == 0.0 and m.min() >= 0.0 and m.max() <= 1.0
     p = np.tile([0.98, 0.01, 0.01], (10, 1))
