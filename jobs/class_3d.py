@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import mrcfile
 import numpy as np
 from matplotlib.figure import Figure
 from pydantic import Field
@@ -35,16 +34,14 @@ from jobs.context import JobContext
 from jobs.errors import JobInputError
 from jobs.io.mrc import write_mrc
 from jobs.io.star import ParticleTables
-from jobs.particles import read_tables, write_particle_star
-from jobs.volumes import MapOut, read_maps, resample, write_volume_set
+from jobs.particles import poses_3d, random_subsets, read_tables, write_particle_star
+from jobs.volumes import MapOut, maps_at, read_mask, write_volume_set
 from jobs.working_set import WorkingSet, working_geometry
 from kernels import class3d as c3
 from kernels.backend import get_xp, to_host
 from kernels.fourier import fourier_pad
-from kernels.rotations import euler_to_matrix
 
 STATE_FILE = "state.npz"
-POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
 POSTERIOR_PREFIX = "cdagClassPosterior"
 
 
@@ -83,40 +80,6 @@ class Params(JobParams):
     chunk_size: int = Field(1000, ge=1, description="Particles per chunk in full passes")
 
 
-def _mask(m: Mask | None, ctx: JobContext, D: int, a: float, what: str) -> np.ndarray | None:
-    if m is None:
-        return None
-    path = ctx.resolve(m.map)
-    try:
-        with mrcfile.open(path, permissive=True) as mrc:
-            data = np.asarray(mrc.data, dtype=np.float32)
-    except (OSError, ValueError) as exc:
-        raise JobInputError(f"{what} {path}: cannot read ({exc})") from exc
-    if data.ndim != 3 or len(set(data.shape)) != 1 or not np.isfinite(data).all():
-        raise JobInputError(f"{what} {path}: expected a finite cubic map, got shape {data.shape}")
-    return np.clip(resample(data, m.pixel_size, D, a, what), 0.0, 1.0)
-
-
-def _poses(tables: ParticleTables, a: float) -> tuple[np.ndarray, np.ndarray]:
-    """R (N, 3, 3) and shifts t (N, 2) px at pixel size a (RELION origin = -t x pixel size)."""
-    missing = [c for c in POSE_COLUMNS if not tables.has(c)]
-    if missing:
-        raise JobInputError(f"{tables.source}: particles lack 3D alignments ({', '.join(missing)}); "
-                            "run a consensus refinement first")
-    rot, tilt, psi, ox, oy = (tables.numeric(c) for c in POSE_COLUMNS)
-    return euler_to_matrix(rot, tilt, psi), -np.stack([ox, oy], axis=1) / a
-
-
-def _halves(tables: ParticleTables, params: Params) -> np.ndarray | None:
-    if params.force_redo_fsc_split or not tables.has("rlnRandomSubset"):
-        return None
-    s = tables.numeric("rlnRandomSubset").astype(np.int64)
-    bad = np.flatnonzero((s != 1) & (s != 2))
-    if bad.size:
-        raise JobInputError(f"{tables.row(int(bad[0]))}: rlnRandomSubset must be 1 or 2")
-    return s - 1
-
-
 def _alpha(tables: ParticleTables, params: Params) -> np.ndarray | None:
     if params.per_particle_scale != "input":
         return None
@@ -126,13 +89,6 @@ def _alpha(tables: ParticleTables, params: Params) -> np.ndarray | None:
     if (a <= 0).any():
         raise JobInputError(f"{tables.row(int(np.flatnonzero(a <= 0)[0]))}: cdagScale must be positive")
     return a
-
-
-def _maps(vs: VolumeSet | None, ctx: JobContext, D: int, a: float, what: str) -> list[np.ndarray] | None:
-    if vs is None:
-        return None
-    return [resample(m, vs.pixel_size, D, a, f"{what} map {k + 1}")
-            for k, m in enumerate(read_maps(vs, ctx.project_dir))]
 
 
 def _settings(params: Params, D: int, a: float, r_max: int) -> c3.Settings:
@@ -217,17 +173,18 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     if N < 2 * K:
         raise JobInputError(f"{N} particles are too few for {K} classes")
     D, a, r_max = working_geometry(ps.box, ps.pixel_size, params.target_resolution_A)
-    R, shifts = _poses(tables, a)
-    halves, alpha = _halves(tables, params), _alpha(tables, params)
-    consensus = _maps(inputs.get("volumes"), ctx, D, a, "volumes")
-    init = _maps(inputs.get("initial_volumes"), ctx, D, a, "initial_volumes")
+    R, shifts = poses_3d(tables, a)
+    halves = random_subsets(tables, params.force_redo_fsc_split, "force_redo_fsc_split")
+    alpha = _alpha(tables, params)
+    consensus = maps_at(inputs.get("volumes"), ctx, D, a, "volumes")
+    init = maps_at(inputs.get("initial_volumes"), ctx, D, a, "initial_volumes")
     if params.init_mode == "input" and (init is None or len(init) != K):
         raise JobInputError(f"init_mode 'input' needs {K} maps in initial_volumes, got "
                             f"{0 if init is None else len(init)}")
     if params.init_mode == "simple" and init is not None:
         raise JobInputError("initial_volumes given but init_mode is 'simple'; set init_mode 'input'")
-    solvent = _mask(inputs.get("mask"), ctx, D, a, "mask")
-    focus = _mask(inputs.get("focus_mask"), ctx, D, a, "focus_mask")
+    solvent = read_mask(inputs.get("mask"), ctx, D, a, "mask")
+    focus = read_mask(inputs.get("focus_mask"), ctx, D, a, "focus_mask")
     settings = _settings(params, D, a, r_max)
     xp = get_xp()
     eng = c3.Class3D(settings, xp, R, shifts, params.seed, halves)

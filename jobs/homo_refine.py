@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import mrcfile
 import numpy as np
 from matplotlib.figure import Figure
 from pydantic import Field
@@ -43,8 +42,8 @@ from jobs.base import JobParams, JobType, PointGroup, Slot
 from jobs.context import JobContext
 from jobs.errors import JobInputError
 from jobs.io.star import ParticleTables
-from jobs.particles import read_tables, write_particle_star
-from jobs.volumes import MapOut, read_maps, resample, write_volume_set
+from jobs.particles import random_subsets, read_tables, write_particle_star
+from jobs.volumes import MapOut, read_maps, read_mask, resample, write_volume_set
 from jobs.working_set import WorkingSet
 from kernels import homo
 from kernels.backend import get_xp, to_host
@@ -90,31 +89,6 @@ class Params(JobParams):
     dynamic_mask_start_res_A: float = Field(12.0, gt=0, description="Dynamic mask start resolution (Å)")
     checkpoint_every: int = Field(1, ge=1, description="Iterations between checkpoints")
     chunk_size: int = Field(1000, ge=2, description="Particles per streamed chunk")
-
-
-def _read_mask(m: Mask, ctx: JobContext, D: int, a: float) -> np.ndarray:
-    path = ctx.resolve(m.map)
-    try:
-        with mrcfile.open(path, permissive=True) as mrc:
-            data = np.asarray(mrc.data, dtype=np.float32)
-    except (OSError, ValueError) as exc:
-        raise JobInputError(f"mask {path}: cannot read ({exc})") from exc
-    if data.ndim != 3 or len(set(data.shape)) != 1 or not np.isfinite(data).all():
-        raise JobInputError(f"mask {path}: expected a finite cubic map, got shape {data.shape}")
-    return np.clip(resample(data, m.pixel_size, D, a, "mask"), 0.0, 1.0)
-
-
-def _halves(tables: ParticleTables, params: Params) -> np.ndarray | None:
-    if params.force_redo_gs_split or not tables.has("rlnRandomSubset"):
-        return None
-    s = tables.numeric("rlnRandomSubset").astype(np.int64)
-    bad = np.flatnonzero((s != 1) & (s != 2))
-    if bad.size:
-        raise JobInputError(f"{tables.row(int(bad[0]))}: rlnRandomSubset must be 1 or 2")
-    if np.unique(s).size < 2:
-        raise JobInputError(f"{tables.source}: rlnRandomSubset puts every particle in one half; "
-                            "set force_redo_gs_split")
-    return s - 1
 
 
 def _mask_mode(params: Params, has_mask: bool) -> str:
@@ -199,8 +173,8 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     settings = _settings(params, D, a, mode)
     xp = get_xp()
     try:
-        eng = homo.HomoRefine(settings, xp, N, params.seed, _halves(tables, params),
-                              None if mask_in is None else _read_mask(mask_in, ctx, D, a))
+        halves = random_subsets(tables, params.force_redo_gs_split, "force_redo_gs_split")
+        eng = homo.HomoRefine(settings, xp, N, params.seed, halves, read_mask(mask_in, ctx, D, a))
     except ValueError as exc:
         raise JobInputError(f"homo_refine: {exc}") from exc
     src = WorkingSet(ps, tables, ctx, D, a, xp)

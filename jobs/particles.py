@@ -14,6 +14,7 @@ import numpy as np
 
 from jobs.artifacts import ParticleSet, resolve
 from jobs.context import JobContext
+from jobs.errors import JobInputError
 from jobs.io.mrc import StackReader, StackWriter
 from jobs.io.star import (
     OPTICS_CTF,
@@ -23,6 +24,7 @@ from jobs.io.star import (
     read_particles_star,
     write_particles_star,
 )
+from kernels.rotations import euler_to_matrix
 
 #: Largest output stack file; bigger particle sets are split over several .mrcs files.
 MAX_STACK_BYTES = 4 << 30
@@ -167,3 +169,33 @@ def write_particle_star(
     out = ParticleTables(optics=tables.optics, particles=tables.particles, source=star)
     write_particles_star(star, out)
     return _particle_set(ctx, out, star, list(source.stacks), source.box, source.pixel_size)
+
+
+#: RELION columns of a 3D alignment.
+POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst")
+
+
+def poses_3d(tables: ParticleTables, a: float) -> tuple[np.ndarray, np.ndarray]:
+    """R (N, 3, 3) and shifts t (N, 2) px at pixel size a (RELION origin = -t x pixel size);
+    JobInputError when the particles have no 3D alignment."""
+    missing = [c for c in POSE_COLUMNS if not tables.has(c)]
+    if missing:
+        raise JobInputError(f"{tables.source}: particles lack 3D alignments ({', '.join(missing)}); "
+                            "run a consensus refinement first")
+    rot, tilt, psi, ox, oy = (tables.numeric(c) for c in POSE_COLUMNS)
+    return euler_to_matrix(rot, tilt, psi), -np.stack([ox, oy], axis=1) / a
+
+
+def random_subsets(tables: ParticleTables, redo: bool, redo_param: str) -> np.ndarray | None:
+    """Half set (N,) in {0, 1} from rlnRandomSubset (1/2), or None (the engine splits) when
+    ``redo`` or the column is absent; JobInputError for other values or a one-sided split
+    (naming ``redo_param``, the option that ignores the column)."""
+    if redo or not tables.has("rlnRandomSubset"):
+        return None
+    s = tables.numeric("rlnRandomSubset").astype(np.int64)
+    bad = np.flatnonzero((s != 1) & (s != 2))
+    if bad.size:
+        raise JobInputError(f"{tables.row(int(bad[0]))}: rlnRandomSubset must be 1 or 2")
+    if np.unique(s).size < 2:
+        raise JobInputError(f"{tables.source}: rlnRandomSubset puts every particle in one half; set {redo_param}")
+    return s - 1

@@ -21,6 +21,8 @@ _MODULES: dict[str, str] = {
     "hetero_refine": "jobs.hetero_refine",
     "homo_refine": "jobs.homo_refine",
     "class_3d": "jobs.class_3d",
+    "var_3d": "jobs.var_3d",
+    "var_3d_display": "jobs.var_3d_display",
 }
 
 

@@ -15,7 +15,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 
-from jobs.artifacts import Volume, VolumeSet, resolve
+from jobs.artifacts import Mask, Volume, VolumeSet, resolve
 from jobs.context import JobContext
 from jobs.errors import JobInputError
 from jobs.io.mrc import write_mrc
@@ -97,3 +97,27 @@ def resample(vol: np.ndarray, pixel_size: float, D: int, target_pixel: float, wh
     if B == D:
         return vol
     return fourier_crop(vol, D, ndim=3) if D < B else fourier_pad(vol, D, ndim=3)
+
+
+def maps_at(vs: VolumeSet | None, ctx: JobContext, D: int, a: float, what: str) -> list[np.ndarray] | None:
+    """The maps of a VolumeSet (None passes through) resampled to box D at a Å/px."""
+    if vs is None:
+        return None
+    return [resample(m, vs.pixel_size, D, a, f"{what} map {k + 1}")
+            for k, m in enumerate(read_maps(vs, ctx.project_dir))]
+
+
+def read_mask(m: Mask | None, ctx: JobContext, D: int, a: float, what: str = "mask") -> np.ndarray | None:
+    """A mask input (None passes through) at box D, a Å/px, clipped to [0, 1]; JobInputError
+    naming ``what`` and the file when it cannot be read or is not a finite cube."""
+    if m is None:
+        return None
+    path = ctx.resolve(m.map)
+    try:
+        with mrcfile.open(path, permissive=True) as mrc:
+            data = np.asarray(mrc.data, dtype=np.float32)
+    except (OSError, ValueError) as exc:
+        raise JobInputError(f"{what} {path}: cannot read ({exc})") from exc
+    if data.ndim != 3 or len(set(data.shape)) != 1 or not np.isfinite(data).all():
+        raise JobInputError(f"{what} {path}: expected a finite cubic map, got shape {data.shape}")
+    return np.clip(resample(data, m.pixel_size, D, a, what), 0.0, 1.0)

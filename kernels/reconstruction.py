@@ -32,7 +32,7 @@ from kernels.projection import (
 )
 
 
-def _scatter_add(target: Any, idx: Any, values: Any) -> None:
+def scatter_add(target: Any, idx: Any, values: Any) -> None:
     """target.ravel()[idx] += values (duplicates summed); float64 target, in place."""
     xp = xp_of(target)
     flat = target.reshape(-1)
@@ -53,9 +53,9 @@ def _insert(data: Any, weight: Any, q: Any, values: Any, weights: Any, n: int, o
     v = xp.asarray(values).astype(xp.complex128)
     v = xp.where(neg, xp.conj(v), v)[..., None] * w
     dview = data.reshape(-1).view(xp.float64)
-    _scatter_add(dview, 2 * idx, v.real)
-    _scatter_add(dview, 2 * idx + 1, v.imag)
-    _scatter_add(weight, idx, xp.asarray(weights).astype(xp.float64)[..., None] * w)
+    scatter_add(dview, 2 * idx, v.real)
+    scatter_add(dview, 2 * idx + 1, v.imag)
+    scatter_add(weight, idx, xp.asarray(weights).astype(xp.float64)[..., None] * w)
 
 
 def _friedel_index(n: int, ndim: int, xp: ModuleType) -> Any:

@@ -1,10 +1,11 @@
 """Simulated 3D particle sets with ground truth for ab-initio / heterogeneous refinement tests
 (algorithms.md §5.4, §7.3, §11): states of a pseudo-atom phantom, uniform random poses,
-Gaussian shifts, RELION CTF, white noise at a §11.2 SNR."""
+Gaussian shifts, RELION CTF, white noise at a §11.2 SNR. ``simulate_linear``: a continuous
+one-domain change V(t) = V0 + t dV for 3DVA (§9.4 V1) with the §11.4 latent oracle."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -18,8 +19,10 @@ from kernels.phantom import (
     base_state,
     disk_signal_variance,
     make_phantom,
+    noise_weighted_power,
     particle_atoms,
     project_atoms,
+    project_difference,
     render_volume,
     state_moved,
     state_without,
@@ -58,9 +61,9 @@ def simulate(counts: list[int], *, D: int = 32, pixel_size: float = 6.0, snr: fl
              seed: int = 0, shift_sd: float = 1.0, n_atoms: int = 160,
              scale: tuple[float, ...] | None = None) -> Set3D:
     """len(counts) states (<= 3: full complex, one domain removed, one domain moved by 4 px)
-    of one phantom with counts[s] particles each, shuffled. ``scale``: values of a per-particle
-    signal amplitude drawn uniformly at random (own random stream; the noise level is set
-    from the unscaled signal)."""
+    of one phantom with counts[s] particles each, shuffled.
+    ``scale``: values of a per-particle signal amplitude drawn uniformly at random (own random
+    stream; the noise level is set from the unscaled signal)."""
     rng = np.random.default_rng(seed)
     ph = make_phantom(D, rng, n_atoms=n_atoms, n_domains=4, radius_frac=0.36)
     states: list[State] = [base_state(ph), state_without(ph, 1), state_moved(ph, 2, np.array([4.0, 0, 0]))]
@@ -70,17 +73,71 @@ def simulate(counts: list[int], *, D: int = 32, pixel_size: float = 6.0, snr: fl
     R = random_rotations(n, rng)
     shift = np.clip(rng.normal(0, shift_sd, (n, 2)), -3 * shift_sd, 3 * shift_sd)
     atoms = particle_atoms(ph, states, state, np.zeros(n))
-    clean = project_atoms(atoms, R, shift, D)
+    signal, defocus, _, noise_var = _observe(project_atoms(atoms, R, shift, D), pixel_size, snr, rng)
+    sc = np.ones(n) if scale is None else np.random.default_rng([seed, 1]).choice(np.asarray(scale, float), n)
+    images = (signal * sc[:, None, None] + rng.normal(0, np.sqrt(noise_var), signal.shape)).astype(np.float32)
+    maps = np.stack([_state_map(ph, states, s, D) for s in range(len(counts))])
+    return Set3D(images, state, R, shift, defocus, maps, pixel_size, noise_var, sc)
+
+
+def _observe(clean: np.ndarray, pixel_size: float, snr: float,
+             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Random defoci (N, 3) and CTFs (N, D, D//2+1) applied to clean projections (N, D, D);
+    returns (signal, defocus, ctf, noise variance of the §11.2 SNR)."""
+    n, D = clean.shape[0], clean.shape[-1]
     du = rng.uniform(10000, 25000, n)
     defocus = np.stack([du, du - rng.uniform(0, 500, n), rng.uniform(0, 180, n)], axis=1)
     ctf = ctf_2d(D, pixel_size, defocus[:, 0], defocus[:, 1], defocus[:, 2], voltage_kv=VOLTAGE,
                  cs_mm=CS, amplitude_contrast=Q0)
     signal = apply_ctf(clean, ctf)
-    noise_var = float(disk_signal_variance(signal, 0.4 * D).mean() / snr)
-    sc = np.ones(n) if scale is None else np.random.default_rng([seed, 1]).choice(np.asarray(scale, float), n)
-    images = (signal * sc[:, None, None] + rng.normal(0, np.sqrt(noise_var), signal.shape)).astype(np.float32)
-    maps = np.stack([_state_map(ph, states, s, D) for s in range(len(counts))])
-    return Set3D(images, state, R, shift, defocus, maps, pixel_size, noise_var, sc)
+    return signal, defocus, ctf, float(disk_signal_variance(signal, 0.4 * D).mean() / snr)
+
+
+@dataclass
+class Linear3D:
+    """Continuous set: ``data`` (state 0 for all; maps V(-1), V(0), V(+1)), true t (N,) ~ U[-1, 1],
+    dV (D, D, D) = (V(1) - V(-1)) / 2 (exact when only the density is scaled) and the §11.4
+    oracle information q (N,) = ||C_i P_i dV||^2 / sigma2 over 0 < |k| < D/2."""
+
+    data: Set3D
+    t: np.ndarray
+    dV: np.ndarray
+    q: np.ndarray
+
+    @property
+    def rho_oracle(self) -> float:
+        """sqrt(var t / (var t + mean 1/q)) (§11.4)."""
+        v = float(np.var(self.t))
+        return float(np.sqrt(v / (v + np.mean(1.0 / self.q))))
+
+
+def simulate_linear(n: int, *, D: int = 32, pixel_size: float = 6.0, snr: float = 0.1, seed: int = 0,
+                    shift_sd: float = 1.0, n_atoms: int = 160, domain: int = 2, scale: float = 0.0,
+                    move_px: tuple[float, float, float] = (0.0, 0.0, 0.0), motion: bool = True) -> Linear3D:
+    """n particles of the ``simulate`` phantom whose atoms of ``domain`` have density x (1 + scale t)
+    and are moved by t x move_px (x, y, z), t ~ U[-1, 1] per particle; ``motion=False`` gives the
+    homogeneous set V(0) with the same poses, CTFs and noise level (the null set of §9.4 V5)."""
+    rng = np.random.default_rng(seed)
+    ph = make_phantom(D, rng, n_atoms=n_atoms, n_domains=4, radius_frac=0.36)
+    t = rng.uniform(-1.0, 1.0, n)
+    R = random_rotations(n, rng)
+    shift = np.clip(rng.normal(0, shift_sd, (n, 2)), -3 * shift_sd, 3 * shift_sd)
+
+    def atoms(tt: np.ndarray) -> Atoms:
+        a = ph.atoms
+        sel = (ph.domain == domain)[None, :]
+        pos = a.positions[None] + np.where(sel[..., None], tt[:, None, None] * np.asarray(move_px), 0.0)
+        return Atoms(pos, a.sigmas, a.amplitudes[None] * np.where(sel, 1.0 + scale * tt[:, None], 1.0))
+
+    clean = project_atoms(atoms(t if motion else np.zeros(n)), R, shift, D)
+    signal, defocus, ctf, noise_var = _observe(clean, pixel_size, snr, rng)
+    images = (signal + rng.normal(0, np.sqrt(noise_var), signal.shape)).astype(np.float32)
+    ends = atoms(np.array([-1.0, 0.0, 1.0]))
+    maps = np.stack([render_volume(Atoms(ends.positions[i], ends.sigmas, ends.amplitudes[i]), D) for i in range(3)])
+    dproj = project_difference(atoms(np.ones(n)), atoms(-np.ones(n)), R, shift, D) / 2
+    q = noise_weighted_power(dproj, ctf, noise_var)
+    data = Set3D(images, np.zeros(n, np.int64), R, shift, defocus, maps, pixel_size, noise_var, np.ones(n))
+    return Linear3D(data if motion else replace(data, maps=maps[[1, 1, 1]]), t, (maps[2] - maps[0]) / 2, q)
 
 
 def _state_map(ph: Phantom, states: list[State], s: int, D: int) -> np.ndarray:

@@ -108,6 +108,17 @@ def test_c6_stops_by_switch_rule(easy_soft: c3.Class3D) -> None:
     assert all(np.isfinite(h["rms_change"]))
 
 
+def test_c6_rms_rule_when_set(easy: Set3D, easy_soft: c3.Class3D) -> None:
+    """C6 with the RMS density change rule set: it must hold as well as the switch rule. With a
+    threshold no map change meets (1e-9), the run ends at the pass cap unconverged although
+    the switch rule alone converged (easy_soft); with a threshold above the measured changes
+    it converges after the same number of passes as the switch rule alone."""
+    strict = _run(easy, _settings(rms_check=True, rms_tol=1e-9, max_full_iters=easy_soft.n_full + 2))
+    assert not strict.converged and strict.n_full == easy_soft.n_full + 2
+    loose = _run(easy, _settings(rms_check=True, rms_tol=10.0))
+    assert loose.converged and loose.n_full == easy_soft.n_full
+
+
 def test_force_hard_classification(easy: Set3D, easy_soft: c3.Class3D) -> None:
     """Hard assignments: every class ESS is exactly 1 and the class sizes are the argmax
     counts; the soft run on the same data keeps uncertain particles (ESS > 1.05 for some)
