@@ -1,4 +1,4 @@
-"""The `flow` command line: validate, plan, run, status, show, lineage, jobs, ui, simulate.
+"""The `flow` command line: validate, plan, run, choose, status, show, lineage, report, jobs, ui, simulate.
 
 Exit codes: 0 success, 1 a job failed, 2 invalid input or usage (DESIGN.md §9). Tracebacks
 only with --debug. `--json` outputs are documented in README.md (scripts depend on them).
@@ -296,6 +296,20 @@ def lineage(
     for r in rows:
         arrow = "used by" if down else "from"
         out.print(f"{'  ' * r['depth']}{arrow} {r['job']} ({r['type']}) {r['key'][:12]} via {r['slot']}")
+
+
+@app.command()
+def report(
+    project: ProjectOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: PROJECT/report.html")] = None,
+) -> None:
+    """Write one self-contained HTML page: job graph, jobs (params, metrics, plots), provenance of final maps."""
+    from orchestrator import report_html
+
+    store = _store(project)
+    if not store.jobs():
+        raise UsageError(f"no jobs recorded in project '{store.project_dir}'; run a workflow first")
+    print(report_html.write(store, (output or store.project_dir / "report.html").resolve()))
 
 
 UNITS = {"_A": "Å", "_px": "px", "_deg": "deg", "_kv": "kV", "_mm": "mm", "_um": "µm", "_s": "s"}
