@@ -20,8 +20,9 @@ wall times cover the refinement only (RELION: the whole process). "particle-imag
 the images each method put through an E-step (cryodag: batches; RELION SGD: its subsets,
 RELION EM: N per iteration). RELION samples --healpix_order 1 (30 deg, 15 deg after
 oversampling: what RELION itself asks for at 24 Å with a 154 Å particle; order 2 costs ~10x on
-this CPU build, double precision) and offsets to 3 px in 2 px steps; cryodag scores a whole
-HEALPix grid of 15 or 7.5 deg (kernels/refine3d.plan_for; 7.5 deg at r_max 8).
+this CPU build, double precision) and offsets to 3 px in 2 px steps; cryodag searches
+coarse-to-fine from HEALPix order 2 (15 deg) to the order of one Nyquist step at the band
+(3.75 deg at r_max 8) with 0.5 px shifts (kernels/refine3d.plan_for).
 """
 
 from __future__ import annotations

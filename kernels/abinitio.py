@@ -81,7 +81,7 @@ class Settings:
     recentre: bool = True
     window_radius_px: float | None = None
     shift_extent_px: float = 3.0
-    max_order: int = 3
+    max_order: int = 4
     symmetry: str = "C1"
 
     @property

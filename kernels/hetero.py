@@ -4,7 +4,12 @@ half-map decay, then full EM passes (algorithms.md §7).
 Each iteration works on the band r_t = clip(ceil(bp_factor x r_res), r_init, r_max) shells,
 r_res the shell of the best class resolution (FSC 0.143 of its half maps): the E-step aligns
 and the M-step back-projects only up to 1.5x the best class resolution (cryoSPARC
-"backprojection resolution factor"). O-EM iteration t on a random batch of
+"backprojection resolution factor"). r_t = r_init during the random-assignment iterations and
+grows by at most one shell per iteration: maps of random subsets agree to high resolution
+(their FSC says nothing about the classes), and classes that first separate on the band where
+the states differ most do not split by view instead (measured from three copies of the
+consensus, D = 24, 600 particles: batch ARI 0.2 when the band jumped from 5 to 8 shells at
+once, 0.5 at 5 shells). O-EM iteration t on a random batch of
 ``batch_per_class`` x K particles:
 
   E-step    global coarse-to-fine pose search per class, marginal class posteriors at
@@ -78,7 +83,7 @@ class Settings:
     force_hard: bool = False
     sigma_scale: float = 3.0
     shift_extent_px: float = 3.0
-    max_order: int = 3
+    max_order: int = 4
     symmetry: str = "C1"
 
     def eta(self, t: int) -> float:
@@ -144,13 +149,13 @@ class HeteroRefine:
         B = min(self.s.batch_per_class * self.s.n_classes, self.N)
         return np.sort(np.random.default_rng([self.seed, t]).choice(self.N, B, replace=False))
 
-    def _band_radius(self) -> int:
+    def _band_radius(self, t: int) -> int:
         s = self.s
         alive = np.isfinite(self.resolution)
-        if not alive.any():
+        if t < s.n_random_iters or not alive.any():
             return s.r_init
         r_res = s.D * s.pixel_size / float(self.resolution[alive].min())
-        return int(np.clip(math.ceil(s.bp_factor * r_res), s.r_init, s.r_max))
+        return int(np.clip(math.ceil(s.bp_factor * r_res), s.r_init, min(s.r_max, self.r + 1)))
 
     def _estep(self, X: Any, C: Any, band: Band, temperature: float) -> EStep3D:
         vfts = [prepare_volume(v) for v in self.vols]
@@ -200,7 +205,7 @@ class HeteroRefine:
         """One O-EM iteration; returns (batch indices, assignment, metrics incl. 'switched')."""
         s, xp, K = self.s, self.xp, self.s.n_classes
         r_prev = self.r
-        self.r = self._band_radius()
+        self.r = self._band_radius(t)
         band = Band(s.D, self.r)
         idx = self.batch_indices(t)
         X, C = load(idx, band)

@@ -50,19 +50,21 @@ class SearchPlan:
     min_keep: int = 8
 
 
-def plan_for(r: float, shift_extent: float, max_order: int = 3, min_order: int = 2) -> SearchPlan:
-    """One-level (exhaustive) search on the coarsest HEALPix grid whose step is <= 2 / r rad
-    (two Nyquist steps at band radius r px), order clipped to [min_order, max_order].
+def plan_for(r: float, shift_extent: float, max_order: int = 4, min_order: int = 2,
+             shift_step: float = 0.5) -> SearchPlan:
+    """Coarse-to-fine search from HEALPix order ``min_order`` to the coarsest order whose step
+    is <= 1 / r rad (one Nyquist step at band radius r px), clipped to ``max_order``; shifts on
+    a grid of ``shift_step`` px in a disc of shift_extent px.
 
-    At the small working boxes of ab-initio and heterogeneous refinement (band radius <= ~16)
-    scoring a whole order-3 grid as streamed GEMMs is faster than the coarse-to-fine search's
-    per-particle candidate sets and finds the grid optimum by construction (measured: 7.9 s
-    vs 27-47 s for 200 particles, D = 32, r = 10, order 3 on 2 cores)."""
-    need = math.degrees(2.0 / max(r, 1.0))
+    Measured on the 3-state test set (D = 24, r = 8, SNR 3, 300 particles, true maps): class
+    ARI / median pose error 0.742 / 10.9 deg in 23 s for one exhaustive order-3 level with
+    1 px shifts, 0.903 / 5.3 deg in 12 s for orders 2-3-4 with 0.5 px shifts: the sampling,
+    not the data, limited the classification."""
+    need = math.degrees(1.0 / max(r, 1.0))
     order = min_order
     while order < max_order and so3_step_deg(order) > need:
         order += 1
-    return SearchPlan(order, 1, max(shift_extent, 1.0))
+    return SearchPlan(min_order, order - min_order + 1, max(shift_extent, 1.0), shift_step)
 
 
 @dataclass

@@ -6,7 +6,8 @@ determined). Thresholds are relative to what the data allow, measured in the tes
   * ab-initio, 1 class: after superposition (rotation, shift, hand) FSC(map, truth) >= 0.5 at
     r_max / 1.5 and >= 0.143 at r_max x 12 / 14 (A1's ratios);
   * the classification oracle is the E-step with the TRUE maps (pose marginalised): ARI of
-    its argmax; hetero refinement must come within 0.1 of it, ab-initio K = 3 within 0.2.
+    its argmax (ARI 0.90 on the 3-state set with the coarse-to-fine search); hetero refinement
+    must come within 0.05 of it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def test_abinitio_one_class(homogeneous: Set3D) -> None:
 
 def test_hetero_from_lowpassed_truth(states: Set3D) -> None:
     """Hetero refinement from the true state maps low-passed to 30 Å (§7.3 E1 (b)): ARI within
-    0.1 of the oracle, median pose error within 3 deg of the oracle's, class fractions within
+    0.05 of the oracle, median pose error within 3 deg of the oracle's, class fractions within
     0.05 of the truth."""
     oracle, oracle_err = _oracle(states)
     idx = np.arange(len(states.state))
@@ -101,7 +102,7 @@ def test_hetero_from_lowpassed_truth(states: Set3D) -> None:
     fractions = np.bincount(out.cls, minlength=3) / idx.size
     print(f"oracle ARI {oracle:.3f}, pose error {oracle_err:.1f} deg; hetero ARI {score:.3f}, "
           f"pose error {err:.1f} deg after {t + 1} O-EM iterations, fractions {np.round(fractions, 3)}")
-    assert score >= oracle - 0.1
+    assert score >= oracle - 0.05
     assert err <= oracle_err + 3.0
     assert np.abs(fractions - 1 / 3).max() <= 0.05
 
