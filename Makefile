@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/class2d.py
 	$(BIN)/python bench/abinitio_hetero.py
+	$(BIN)/python bench/refine_class3d.py
 
 clean:
 	rm -rf $(VENV) cryodag_project .pytest_cache

@@ -30,11 +30,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import re
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
@@ -47,7 +44,7 @@ import starfile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "kernels"), str(ROOT / "bench")]
 
-from class2d import run_relion  # noqa: E402
+from class2d import common_args, run_relion, start  # noqa: E402
 from sim3d import CS, Q0, VOLTAGE, Set3D, simulate  # noqa: E402
 
 from jobs.artifacts import ParticleSet  # noqa: E402
@@ -250,22 +247,12 @@ def main() -> None:
     ap.add_argument("--relion-healpix", type=int, default=1,
                     help="RELION --healpix_order (1: 30 deg, 15 deg after oversampling; 2 costs ~10x)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="RELION --j")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", default="abinitio,hetero", help="comma-separated subset of abinitio,hetero")
-    ap.add_argument("--out", type=Path, default=None, help="working directory (default: a new temp dir)")
-    ap.add_argument("--skip-relion", action="store_true")
+    common_args(ap)
     args = ap.parse_args()
-    if not args.skip_relion and shutil.which("relion_refine") is None:
-        sys.exit("relion_refine not found (use --skip-relion)")
-    os.environ.setdefault("CRYODAG_BACKEND", "cupy" if backend.cupy_available() else "numpy")
+    root = start(args, "abinitio_hetero_bench_")
     xp = backend.get_xp()
-    root = (args.out or Path(tempfile.mkdtemp(prefix="abinitio_hetero_bench_"))).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     tasks = set(args.tasks.split(","))
-
-    print(f"machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; cryodag backend {backend.name()} "
-          "(BLAS threads: library default). Other processes may share the CPUs: timings are noisy.")
     print(f"settings: box {args.box} px, {args.pixel:g} Å/px, band r_max {args.r_max} shells "
           f"({args.box * args.pixel / args.r_max:g} Å), seed {args.seed}; dir {root}\n"
           f"  (1) {args.particles} particles, SNR {args.snr:g}; cryodag {args.ab_init_iters} + anneal + "

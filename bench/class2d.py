@@ -123,6 +123,27 @@ def classify_relion(args: argparse.Namespace, root: Path, ps: ParticleSet) -> tu
     return cls, wall
 
 
+def common_args(ap: argparse.ArgumentParser) -> None:
+    """Options every RELION-comparison bench has: --seed, --out, --skip-relion."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="working directory (default: a new temp dir)")
+    ap.add_argument("--skip-relion", action="store_true")
+
+
+def start(args: argparse.Namespace, prefix: str) -> Path:
+    """Check RELION (unless --skip-relion), pick the backend (CuPy when usable), make the
+    working directory and print the machine line; returns the directory."""
+    if not args.skip_relion and shutil.which("relion_refine") is None:
+        sys.exit("relion_refine not found (use --skip-relion)")
+    os.environ.setdefault("CRYODAG_BACKEND", "cupy" if backend.cupy_available() else "numpy")
+    root = (args.out or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {platform.node()}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; cryodag backend {backend.name()} "
+          "(BLAS threads: library default). Other processes may share the CPUs: timings are noisy.")
+    return root
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--particles", type=int, default=1000)
@@ -137,19 +158,9 @@ def main() -> None:
     ap.add_argument("--batch-per-class", type=int, default=100, help="cryodag O-EM batch size per class")
     ap.add_argument("--relion-iter", type=int, default=25)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="RELION --j")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="working directory (default: a new temp dir)")
-    ap.add_argument("--skip-relion", action="store_true")
+    common_args(ap)
     args = ap.parse_args()
-    if not args.skip_relion and shutil.which("relion_refine") is None:
-        sys.exit("relion_refine not found (use --skip-relion)")
-    os.environ.setdefault("CRYODAG_BACKEND", "cupy" if backend.cupy_available() else "numpy")
-    root = (args.out or Path(tempfile.mkdtemp(prefix="class2d_bench_"))).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-
-    print(f"machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
-          f"cryodag backend {backend.name()} (BLAS threads: library default)")
+    root = start(args, "class2d_bench_")
     print(f"settings: {args.particles} particles, {args.views} views, box {args.box} px, "
           f"{args.pixel:g} Å/px, SNR {args.snr:g}, K {args.classes}, max res {args.max_res:g} Å, "
           f"cryodag {args.oem_iter} O-EM iterations x {args.batch_per_class * args.classes} particles + 1 full, "
