@@ -23,6 +23,8 @@ _MODULES: dict[str, str] = {
     "class_3d": "jobs.class_3d",
     "var_3d": "jobs.var_3d",
     "var_3d_display": "jobs.var_3d_display",
+    "select_3d": "jobs.select_3d",
+    "combine_volumes": "jobs.combine_volumes",
 }
 
 
