@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/flow run workflows/standard_pipeline.yaml
+	$(BIN)/flow summary workflows/standard_pipeline.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check orchestrator jobs kernels tests bench

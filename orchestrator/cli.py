@@ -1,4 +1,5 @@
-"""The `flow` command line: validate, plan, run, choose, status, show, lineage, report, jobs, ui, simulate.
+"""The `flow` command line: validate, plan, run, choose, status, show, lineage, report, summary, jobs, ui,
+simulate.
 
 Exit codes: 0 success, 1 a job failed, 2 invalid input or usage (DESIGN.md §9). Tracebacks
 only with --debug. `--json` outputs are documented in README.md (scripts depend on them).
@@ -310,6 +311,30 @@ def report(
     if not store.jobs():
         raise UsageError(f"no jobs recorded in project '{store.project_dir}'; run a workflow first")
     print(report_html.write(store, (output or store.project_dir / "report.html").resolve()))
+
+
+@app.command()
+def summary(workflow: Path, set_: SetOpt = None, project: ProjectOpt = None, json_: JsonOpt = False) -> None:
+    """Results of a workflow run on the demo dataset against its ground truth, with the demo's checks."""
+    from orchestrator import choices, demo_summary
+    from orchestrator import workflow as wfmod
+
+    store = _store(project or wfmod.load(workflow, set_ or []).project)
+    wf = choices.load(workflow, set_ or [], store.project_dir, store)
+    try:
+        rows = demo_summary.summarise(store, wf)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if json_:
+        _print_json([vars(r) for r in rows])
+        return
+    table = Table("job", "type", "result", "check", "time", title=f"{wf.name} on the demo dataset vs truth")
+    for r in rows:
+        colour = "green" if r.check.startswith("PASS") else "red"
+        table.add_row(r.job, r.type, r.result, f"[{colour}]{r.check}[/]" if r.check else "",
+                      "" if r.seconds is None else f"{r.seconds:.0f} s")
+    Console(soft_wrap=True, width=max(out.width, 160)).print(table)
+    out.print(f"Report: flow report --project {store.project_dir}")
 
 
 UNITS = {"_A": "Å", "_px": "px", "_deg": "deg", "_kv": "kV", "_mm": "mm", "_um": "µm", "_s": "s"}

@@ -1,0 +1,56 @@
+"""demo_summary: truth rows found by micrograph and coordinates, ARI and latent correlation per job
+output, on the `tiny` simulated preset (states and t replaced by synthetic labels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from jobs.artifacts import ParticleSet
+from jobs.io.star import ParticleTables, read_particles_star, write_particles_star
+from jobs.simulated_dataset import write_preset
+from orchestrator import demo_summary as ds
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ParticleTables, ds.Truth]:
+    root = tmp_path_factory.mktemp("tiny")
+    write_preset("tiny", root / "demo_source")
+    source = root / "demo_source"
+    truth = ds.Truth.load(source)
+    rng = np.random.default_rng(0)
+    truth.state = np.where(truth.kind == 0, rng.integers(0, 3, truth.kind.size), -1)
+    truth.t = rng.uniform(-1, 1, truth.kind.size)
+    return root, read_particles_star(source / "particles.star"), truth
+
+
+def _set(root: Path, tables: ParticleTables, df: pd.DataFrame, name: str) -> ParticleSet:
+    write_particles_star(root / name, ParticleTables(tables.optics, df, root / name))
+    return ParticleSet(star=name, stacks=[], count=len(df), box=32, pixel_size=6.0)
+
+
+def test_rows_match_shuffled_subset(dataset: tuple[Path, ParticleTables, ds.Truth]) -> None:
+    root, tables, truth = dataset
+    pick = np.random.default_rng(1).permutation(len(tables))[:100]
+    ps = _set(root, tables, tables.particles.iloc[pick].reset_index(drop=True), "subset.star")
+    np.testing.assert_array_equal(truth.rows(ps, root), pick)
+    junk = int(np.sum(truth.kind[pick] > 0))
+    assert ds._junk_line(np.arange(len(tables)), pick, truth).startswith(f"kept 100 of {len(tables)}: junk ")
+    assert f"-> {junk} (" in ds._junk_line(np.arange(len(tables)), pick, truth)
+
+
+def test_classes_and_latents(dataset: tuple[Path, ParticleTables, ds.Truth]) -> None:
+    root, tables, truth = dataset
+    rows = np.arange(len(tables))
+    noise = np.random.default_rng(2).normal(size=rows.size)
+    df = tables.particles.assign(rlnClassNumber=np.where(truth.state >= 0, truth.state + 1, 4),
+                                 cdagLatent1=-2 * truth.t + 1, cdagLatent2=noise)
+    ps = _set(root, tables, df, "classes.star")
+    text, ari = ds._classes(ps, root, rows, truth)
+    assert ari == pytest.approx(1.0) and "junk 100%" in text
+    text, corr = ds._latents(ps, root, rows, truth)
+    assert corr == pytest.approx(1.0) and text.startswith("|corr(latent k, t)| = 1.000, 0.")
+    assert text.endswith("(best: latent 1)")
