@@ -1,8 +1,13 @@
-"""Invalid workflows: each exits 2 with one message per problem naming job and field, no traceback."""
+"""Invalid workflows: each exits 2 with one message per problem naming job and field, no traceback;
+the shipped workflows validate."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from orchestrator.workflow import load
 
 GOOD = {
     "a": "{type: toy_make, params: {value: 2.0}}",
@@ -96,3 +101,10 @@ def test_valid_workflow_lists_jobs(flow_cli) -> None:
     (flow_cli.cwd / "wf.yaml").write_text(_wf(GOOD))
     r = flow_cli("validate", "wf.yaml")
     assert r.code == 0 and "valid" in r.out and "toy_add" in r.out
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "workflows").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_workflows_validate(path: Path) -> None:
+    """Every YAML in workflows/ loads: job types, params, wiring and required columns check out."""
+    wf = load(path, [])
+    assert wf.order and all(wf.nodes[n].key for n in wf.order)
