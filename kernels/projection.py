@@ -13,7 +13,7 @@ insertion the exact adjoint of extraction.
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -90,6 +90,37 @@ def prepare_image(img: Any, pad: int = 2) -> ImageFT:
     return ImageFT(rfft2c(_pad_centred(corrected, pad * D, 2)), D, pad)
 
 
+def _axis_terms(q: Any, n: int) -> tuple[list[tuple[tuple[Any, Any], tuple[Any, Any]]], Any]:
+    """Per axis of q (..., d): ((flat index term, weight) of the lower corner, same of the upper)
+    on the raveled half grid of full size n (x unwrapped, y and z modulo n), and the (...) bool
+    mask of samples folded to -q (q_x < 0)."""
+    xp = xp_of(q)
+    neg = q[..., 0] < 0
+    q = xp.where(neg[..., None], -q, q)
+    f = xp.floor(q)
+    t = q - f
+    i0 = f.astype(xp.int64)
+    nx = n // 2 + 1
+    terms = []
+    for ax, stride in enumerate((1, nx, n * nx)[: q.shape[-1]]):
+        i = i0[..., ax]
+        lo, hi = (i, i + 1) if ax == 0 else ((i % n) * stride, ((i + 1) % n) * stride)
+        terms.append(((lo, 1 - t[..., ax]), (hi, t[..., ax])))
+    return terms, neg
+
+
+def _corners(terms: list[tuple[tuple[Any, Any], tuple[Any, Any]]]) -> Iterator[tuple[Any, Any]]:
+    """(flat indices, weights) of the 2^d stencil corners, x slowest (corner order of ``interp_stencil``);
+    the y/z partial sums are shared by both x corners."""
+    x, first, *rest = terms
+    partial = list(first)
+    for axis in rest:
+        partial = [(i + ia, w * wa) for i, w in partial for ia, wa in axis]
+    for ix, wx in x:
+        for i, w in partial:
+            yield ix + i, wx * w
+
+
 def interp_stencil(q: Any, n: int) -> tuple[Any, Any, Any]:
     """Linear-interpolation stencil on a half grid of full size n (rfft layout, x last).
 
@@ -98,24 +129,12 @@ def interp_stencil(q: Any, n: int) -> tuple[Any, Any, Any]:
     (..., 2^d) and a bool mask (...) of samples read at -q with conjugation (q_x < 0).
     """
     xp = xp_of(q)
-    d = q.shape[-1]
-    neg = q[..., 0] < 0
-    q = xp.where(neg[..., None], -q, q)
-    f = xp.floor(q)
-    t = q - f
-    i0 = f.astype(xp.int64)
-    nx = n // 2 + 1
-    strides = [1, nx, n * nx][:d]
-    idx, wts = [], []
-    for corner in itertools.product((0, 1), repeat=d):
-        flat = i0[..., 0] + corner[0]
-        w = t[..., 0] if corner[0] else 1 - t[..., 0]
-        for ax in range(1, d):
-            flat = flat + ((i0[..., ax] + corner[ax]) % n) * strides[ax]
-            w = w * (t[..., ax] if corner[ax] else 1 - t[..., ax])
-        idx.append(flat)
-        wts.append(w)
-    return xp.stack(idx, axis=-1), xp.stack(wts, axis=-1), neg
+    terms, neg = _axis_terms(q, n)
+    shape = (*q.shape[:-1], 2 ** q.shape[-1])
+    idx, wts = xp.empty(shape, dtype=xp.int64), xp.empty(shape, dtype=q.dtype)
+    for c, (i, w) in enumerate(_corners(terms)):
+        idx[..., c], wts[..., c] = i, w
+    return idx, wts, neg
 
 
 def _band_k(band: Band, xp: ModuleType, dtype: Any) -> tuple[Any, Any]:
@@ -146,8 +165,11 @@ def chunk_size(n_items: int, nF: int, ndim: int) -> int:
 def _gather(flat_data: Any, q: Any, n: int) -> Any:
     """Interpolate raveled half grid(s) (..., M) at coordinates q (N, nF, d) -> (..., N, nF)."""
     xp = xp_of(flat_data)
-    idx, w, neg = interp_stencil(q, n)
-    vals = (flat_data[..., idx] * w.astype(flat_data.real.dtype)).sum(axis=-1)
+    terms, neg = _axis_terms(q, n)
+    vals = None
+    for idx, w in _corners(terms):
+        v = flat_data[..., idx] * w.astype(flat_data.real.dtype, copy=False)
+        vals = v if vals is None else xp.add(vals, v, out=vals)
     return xp.where(neg, xp.conj(vals), vals)
 
 
