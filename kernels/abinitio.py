@@ -180,7 +180,8 @@ class AbInitio:
             self.delta[k] = s.momentum * self.delta[k] + eta * (target - self.vols[k])
         moved = self.vols + self.delta
         if s.recentre:
-            moved = xp.stack([shift_volume(v, -self._common_centre(moved)) for v in moved])
+            centre = self._common_centre(moved)
+            moved = xp.stack([shift_volume(v, -centre) for v in moved])
         for k in range(K):
             self.vols[k] = lowpass(constrain(moved[k], s.window(), s.nonneg, False), band.r_max, 1.0)
         self.pi = (1 - eta) * self.pi + eta * p.mean(axis=0)

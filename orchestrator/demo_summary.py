@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from jobs.artifacts import Artifact, ParticleSet, VolumeSet
-from jobs.io.star import read_star
+from jobs.io.star import ParticleTables, read_star
 from jobs.particles import read_tables
 from jobs.volumes import read_maps
 from kernels.clustering import adjusted_rand_index
@@ -70,9 +70,8 @@ class Truth:
                      codes=pd.Series(np.arange(len(codes)), index=codes),
                      mics={Path(n).name: i for i, n in enumerate(names)}, maps=maps)
 
-    def rows(self, ps: ParticleSet, project: Path) -> np.ndarray:
-        """Truth row of each particle of ``ps`` (N_ps,) by micrograph and coordinates."""
-        p = read_tables(ps, project).particles
+    def rows(self, p: pd.DataFrame) -> np.ndarray:
+        """Truth row of each particle of the table ``p`` (N_p,) by micrograph and coordinates."""
         mic = np.array([self.mics[Path(n).name] for n in p["rlnMicrographName"]])
         codes = _codes(mic, p["rlnCoordinateX"].to_numpy(float), p["rlnCoordinateY"].to_numpy(float))
         return self.codes.loc[codes].to_numpy()
@@ -92,9 +91,9 @@ def _ari(cls: np.ndarray, rows: np.ndarray, truth: Truth) -> float:
     return adjusted_rand_index(cls[good], truth.state[rows][good])
 
 
-def _classes(ps: ParticleSet, project: Path, rows: np.ndarray, truth: Truth) -> tuple[str, float]:
-    """'sizes [..]; class k: state s x% (junk y%)' and the ARI of the classes vs the states."""
-    cls = read_tables(ps, project).numeric("rlnClassNumber").astype(np.int64)
+def _classes(t: ParticleTables, rows: np.ndarray, truth: Truth) -> tuple[str, float]:
+    """'class k: size (state s x%, junk y%)' per class and the ARI of the classes vs the states."""
+    cls = t.numeric("rlnClassNumber").astype(np.int64)
     parts = []
     for k in np.unique(cls):
         st = truth.state[rows[cls == k]]
@@ -139,9 +138,9 @@ def _consensus(job: Any, vs: VolumeSet, project: Path, rows: np.ndarray, truth: 
     return text, res <= limit
 
 
-def _latents(ps: ParticleSet, project: Path, rows: np.ndarray, truth: Truth) -> tuple[str, float]:
+def _latents(t: ParticleTables, rows: np.ndarray, truth: Truth) -> tuple[str, float]:
     """|corr(latent k, t)| over the good particles for every 3DVA component; the best of them."""
-    p = read_tables(ps, project).particles
+    p = t.particles
     good = truth.state[rows] >= 0
     names = sorted((c for c in p if c.startswith("cdagLatent") and c[10:].isdigit()), key=lambda c: int(c[10:]))
     corr = [abs(float(np.corrcoef(p[c].to_numpy(float)[good], truth.t[rows][good])[0, 1])) for c in names]
@@ -162,7 +161,9 @@ def summarise(store: Store, wf: Workflow) -> list[Row]:
     if not imports:
         raise ValueError(f"no finished import_particles job with source 'demo' in workflow '{wf.name}'")
     truth = Truth.load(project / done[imports[0]].directory / "demo_source")
-    rows = {n: {s: truth.rows(a, project) for s, a in o.items() if isinstance(a, ParticleSet)} for n, o in outs.items()}
+    tables = {n: {s: read_tables(a, project) for s, a in o.items() if isinstance(a, ParticleSet)}
+              for n, o in outs.items()}
+    rows = {n: {s: truth.rows(t.particles) for s, t in ts.items()} for n, ts in tables.items()}
 
     def upstream(name: str, slot: str = "particles") -> np.ndarray:
         ref = wf.nodes[name].inputs[slot]
@@ -171,7 +172,7 @@ def summarise(store: Store, wf: Workflow) -> list[Row]:
     table: list[Row] = []
     separated = False
     for name in done:
-        node, out, r = wf.nodes[name], outs[name], rows[name].get("particles")
+        node, out, r, p = wf.nodes[name], outs[name], rows[name].get("particles"), tables[name].get("particles")
         row = Row(name, node.type, "", seconds=done[name].duration_s)
         if node.type == "import_particles":
             row.result = (f"{r.size} particles: {int(np.sum(truth.kind[r] == 0) - truth.duplicate[r].sum())} good, "
@@ -182,14 +183,14 @@ def summarise(store: Store, wf: Workflow) -> list[Row]:
             row.result = (f"removed {before.size - r.size}; duplicate picks left "
                           f"{int(truth.duplicate[r].sum())} of {int(truth.duplicate[before].sum())}")
         elif node.type == "class_2d":
-            cls = read_tables(out["particles"], project).numeric("rlnClassNumber").astype(np.int64)
+            cls = p.numeric("rlnClassNumber").astype(np.int64)
             junk = [float(np.mean(truth.kind[r[cls == k]] > 0)) for k in np.unique(cls)]
             row.result = (f"{out['class_averages'].num_classes} classes: {sum(j > 0.5 for j in junk)} mostly junk "
                           f"(> 50%), {sum(j <= 0.5 for j in junk)} mostly particles")
         elif node.type == "select_2d":
             row.result = f"{out['class_averages'].num_classes} classes, " + _junk_line(upstream(name), r, truth)
         elif node.type in ("ab_initio", "hetero_refine", "class_3d"):
-            row.result, ari = _classes(out["particles"], project, r, truth)
+            row.result, ari = _classes(p, r, truth)
             if node.type != "ab_initio":
                 row.check = _check(f"ARI >= {ARI_MIN}", ari >= ARI_MIN)
                 separated |= ari >= ARI_MIN
@@ -199,12 +200,12 @@ def summarise(store: Store, wf: Workflow) -> list[Row]:
             row.result, ok = _consensus(done[name], out["volumes"], project, r, truth)
             row.check = _check("FSC-to-truth", ok)
         elif node.type == "var_3d":
-            row.result, corr = _latents(out["particles"], project, r, truth)
+            row.result, corr = _latents(p, r, truth)
             row.check = _check(f"best |corr| >= {CORR_MIN}", corr >= CORR_MIN)
         elif node.type == "var_3d_display":
             row.result = f"{out['volumes'].summary['mode']}: {len(out['volumes'].volumes)} maps"
             if out["volumes"].summary["mode"] == "cluster":
-                row.result += "; clusters " + _classes(out["particles"], project, r, truth)[0]
+                row.result += "; clusters " + _classes(p, r, truth)[0]
         else:
             row.result = ", ".join(f"{s}: {a.summary}" for s, a in out.items())
         table.append(row)

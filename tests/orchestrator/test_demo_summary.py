@@ -11,6 +11,7 @@ import pytest
 
 from jobs.artifacts import ParticleSet
 from jobs.io.star import ParticleTables, read_particles_star, write_particles_star
+from jobs.particles import read_tables
 from jobs.simulated_dataset import write_preset
 from orchestrator import demo_summary as ds
 
@@ -36,7 +37,7 @@ def test_rows_match_shuffled_subset(dataset: tuple[Path, ParticleTables, ds.Trut
     root, tables, truth = dataset
     pick = np.random.default_rng(1).permutation(len(tables))[:100]
     ps = _set(root, tables, tables.particles.iloc[pick].reset_index(drop=True), "subset.star")
-    np.testing.assert_array_equal(truth.rows(ps, root), pick)
+    np.testing.assert_array_equal(truth.rows(read_tables(ps, root).particles), pick)
     junk = int(np.sum(truth.kind[pick] > 0))
     assert ds._junk_line(np.arange(len(tables)), pick, truth).startswith(f"kept 100 of {len(tables)}: junk ")
     assert f"-> {junk} (" in ds._junk_line(np.arange(len(tables)), pick, truth)
@@ -49,8 +50,8 @@ def test_classes_and_latents(dataset: tuple[Path, ParticleTables, ds.Truth]) -> 
     df = tables.particles.assign(rlnClassNumber=np.where(truth.state >= 0, truth.state + 1, 4),
                                  cdagLatent1=-2 * truth.t + 1, cdagLatent2=noise)
     ps = _set(root, tables, df, "classes.star")
-    text, ari = ds._classes(ps, root, rows, truth)
+    text, ari = ds._classes(read_tables(ps, root), rows, truth)
     assert ari == pytest.approx(1.0) and "junk 100%" in text
-    text, corr = ds._latents(ps, root, rows, truth)
+    text, corr = ds._latents(read_tables(ps, root), rows, truth)
     assert corr == pytest.approx(1.0) and text.startswith("|corr(latent k, t)| = 1.000, 0.")
     assert text.endswith("(best: latent 1)")
