@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.backend import batch_size_for, to_host, xp_of
+from kernels.backend import batch_size_for, batch_slices, host_threads, map_batches, to_host, xp_of
 from kernels.fourier import Band, freqs_3d, radial_average
 from kernels.grids import shift_grid, so3_children, so3_grid, so3_grid_angles
 from kernels.posterior import ArgMax, Logits, LogSumExp, TopK, significant
@@ -289,9 +289,11 @@ def _shift_children(units: np.ndarray, keep: np.ndarray, step: int, radius: floa
 
 
 def _batch_size(n: int, per_particle: int, batch_size: int | None) -> int:
+    """Particles per batch: given, or a quarter of the memory budget shared by the threads of
+    ``map_batches`` (each holds one batch)."""
     if batch_size is not None:
         return max(1, min(int(batch_size), n))
-    return batch_size_for(max(per_particle, 1), fraction=0.25, minimum=1, maximum=max(n, 1))
+    return batch_size_for(max(per_particle, 1), fraction=0.25 / host_threads(), minimum=1, maximum=max(n, 1))
 
 
 def _fine_bytes(nF: int, n_rot: int, n_shift: int) -> int:
@@ -374,8 +376,7 @@ def exhaustive_search(
     score = np.zeros((n, len(vfts)), dtype=np.float32)
     index = np.zeros((n, len(vfts)), dtype=np.int64)
     step = _batch_size(n, len(shifts) * band.n * 24, batch_size)
-    for b0 in range(0, n, step):
-        sl = slice(b0, min(b0 + step, n))
+    def one(sl: slice) -> None:
         parts = prepare_particles(X[sl], C[sl], w, phases)
         for k, vft in enumerate(vfts):
             best = ArgMax(logits)
@@ -384,6 +385,7 @@ def exhaustive_search(
             ref, sh = to_host(best.ref), to_host(best.shift)
             R[sl, k], t[sl, k] = to_host(grid[xp.asarray(ref)]), shifts[sh]
             score[sl, k], index[sl, k] = to_host(best.score), ref
+    map_batches(one, batch_slices(n, step, xp), xp)
     if centres is not None:
         t += to_host(centres)[:, None, :]
     return _result(xp, R, t, score, index, order, None)
@@ -443,8 +445,7 @@ def global_search(
     out = _Collector(n, len(vfts), keep.max_keep, return_poses)
     lev0 = levels[0]
     logits0 = Logits(temperature, _shift_log_prior(shifts0, shift_sigma))
-    for b0 in range(0, n, step):
-        sl = slice(b0, min(b0 + step, n))
+    def one(sl: slice) -> None:
         full = _Batch(X[sl], C[sl], w, band)
         batch0 = full.sub(lev0.r_max)
         parts = prepare_particles(batch0.X, batch0.C, batch0.w, particle_phases(batch0.band, xp.asarray(shifts0), xp))
@@ -475,6 +476,7 @@ def global_search(
             a = angles[-1]
             Rk = euler_to_matrix(a[0][rot_idx], a[1][rot_idx], a[2][rot_idx]).reshape(*rot.shape, 3, 3)
             out.put(sl, k, Rk, units * shift_step, values, rot_idx, None if lse is None else lse.lse)
+    map_batches(one, batch_slices(n, step, xp), xp)
     res = out.result(xp, levels[-1].order)
     if centres is None:
         return res
@@ -568,8 +570,7 @@ def local_search(
     L, T = len(dR), len(shifts)
     step = _batch_size(n, _fine_bytes(band.n, L, T), batch_size)
     out = _Collector(n, len(vfts), max_keep, return_poses)
-    for b0 in range(0, n, step):
-        sl = slice(b0, min(b0 + step, n))
+    def one(sl: slice) -> None:
         B = sl.stop - sl.start
         batch = _Batch(X[sl], C[sl], w, band)
         R_all = np.einsum("lij,bjk->blik", dR, R0[sl])
@@ -588,6 +589,7 @@ def local_search(
             Rk = np.take_along_axis(R_all, np.maximum(slot_r, 0)[..., None, None], axis=1)
             out.put(sl, k, Rk, shifts[np.maximum(slot_t, 0)], values, np.full(values.shape, -1),
                     None if lse is None else lse.lse)
+    map_batches(one, batch_slices(n, step, xp), xp)
     return _recentre(out.result(xp, -1), xp.asarray(shifts0, dtype=xp.float64))
 
 

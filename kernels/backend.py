@@ -15,12 +15,15 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 _ENV = "CRYODAG_BACKEND"
+_THREADS_ENV = "CRYODAG_THREADS"
 
 
 def _disable_tf32() -> None:
@@ -140,3 +143,36 @@ def batch_size_for(
     if maximum is not None:
         n = min(n, maximum)
     return int(max(n, minimum))
+
+
+def host_threads() -> int:
+    """Threads for host (NumPy) batch loops: ``CRYODAG_THREADS`` or the CPUs this process may
+    run on (NumPy releases the GIL in the gathers, element-wise maths and GEMMs of a batch)."""
+    raw = os.environ.get(_THREADS_ENV, "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise RuntimeError(f"{_THREADS_ENV} must be a positive integer, got {raw!r}")
+        return int(raw)
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def batch_slices(n: int, step: int, xp: ModuleType) -> list[slice]:
+    """Consecutive slices of range(n) of at most ``step`` items; on NumPy at least
+    ``host_threads()`` of them when n allows (so ``map_batches`` keeps every thread busy)."""
+    if xp is np:
+        step = min(step, -(-n // host_threads()))
+    step = max(int(step), 1)
+    return [slice(b, min(b + step, n)) for b in range(0, n, step)]
+
+
+def map_batches(fn: Callable[[slice], None], slices: list[slice], xp: ModuleType) -> None:
+    """fn(sl) for every slice: in ``host_threads()`` threads on NumPy, in order on CuPy (one
+    stream). fn must write only its own rows of shared outputs."""
+    threads = min(host_threads(), len(slices)) if xp is np else 1
+    if threads <= 1:
+        for sl in slices:
+            fn(sl)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(fn, slices):
+            pass

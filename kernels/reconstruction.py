@@ -13,22 +13,25 @@ Per-shell quantities use the shell index of the unpadded box, round(|kappa| / pa
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from kernels.backend import get_xp, xp_of
+from kernels.backend import batch_slices, get_xp, map_batches, xp_of
 from kernels.fourier import Band, freqs_2d, freqs_3d, irfft2c, irfft3c, radial_average, shift_phase
 from kernels.fsc import fsc as fsc_curve
 from kernels.projection import (
-    chunk_size,
     crop_centred,
     gridding_kernel,
     inplane_coords,
     interp_stencil,
     slice_coords,
+    stencil_chunk,
 )
 
 
@@ -44,18 +47,43 @@ def scatter_add(target: Any, idx: Any, values: Any) -> None:
         cupyx.scatter_add(flat, idx.ravel(), values.ravel())
 
 
-def _insert(data: Any, weight: Any, q: Any, values: Any, weights: Any, n: int, offset: Any) -> None:
-    """Trilinear/bilinear insertion of values (N, nF) and weights (N, nF) at coordinates q."""
+class _InOrder:
+    """Scatter turns for the chunks of one insertion run by ``map_batches``: chunk i adds to
+    the grid only after chunk i-1 did, so stencils are computed in parallel and the sums are
+    always taken in the same order (a run reproduces itself bit for bit)."""
+
+    def __init__(self, slices: list[slice]) -> None:
+        self.slices = slices
+        self._index = {sl.start: i for i, sl in enumerate(slices)}
+        self._done = [threading.Event() for _ in slices]
+
+    @contextmanager
+    def turn(self, sl: slice) -> Iterator[None]:
+        i = self._index[sl.start]
+        if i:
+            self._done[i - 1].wait()
+        try:
+            yield
+        finally:
+            self._done[i].set()
+
+
+def _insert(data: Any, weight: Any, q: Any, values: Any, weights: Any, n: int, offset: Any,
+            turn: AbstractContextManager[None]) -> None:
+    """Trilinear/bilinear insertion of values (N, nF) and weights (N, nF) at coordinates q; the
+    stencils are computed first, the scatter into data/weight inside ``turn``."""
     xp = xp_of(data)
     idx, w, neg = interp_stencil(q.astype(xp.float64), n)
     if offset is not None:
         idx = idx + offset
     v = xp.asarray(values).astype(xp.complex128)
     v = xp.where(neg, xp.conj(v), v)[..., None] * w
+    wt = xp.asarray(weights).astype(xp.float64)[..., None] * w
     dview = data.reshape(-1).view(xp.float64)
-    scatter_add(dview, 2 * idx, v.real)
-    scatter_add(dview, 2 * idx + 1, v.imag)
-    scatter_add(weight, idx, xp.asarray(weights).astype(xp.float64)[..., None] * w)
+    with turn:
+        scatter_add(dview, 2 * idx, v.real)
+        scatter_add(dview, 2 * idx + 1, v.imag)
+        scatter_add(weight, idx, wt)
 
 
 def _friedel_index(n: int, ndim: int, xp: ModuleType) -> Any:
@@ -87,6 +115,13 @@ class _Accumulator:
     def n(self) -> int:
         """Padded box size pD."""
         return self.pad * self.D
+
+    def _chunks(self, n_items: int, nF: int) -> _InOrder:
+        """Insertion chunks of n_items slices of nF pixels, in scatter order: ``stencil_chunk``
+        with >= 2 x grid-size stencil entries each (a chunk's scatter costs O(grid)). Measured
+        (20,000 slices, D = 24, one thread): 2.8 s in one chunk, 1.2-1.5 s in these."""
+        step = stencil_chunk(n_items, nF, self.ndim, max(1 << 18, 2 * self.weight.size))
+        return _InOrder(batch_slices(n_items, step, self.xp))
 
     def shells(self) -> Any:
         """Unpadded shell index round(|kappa| / pad) on the padded half grid (int64)."""
@@ -130,11 +165,13 @@ class Accumulator3D(_Accumulator):
         xp = self.xp
         R = xp.asarray(R, dtype=xp.float64).reshape(-1, 3, 3)
         values, weights = xp.asarray(values), xp.asarray(weights)
-        step = chunk_size(R.shape[0], band.n, 3)
-        for s in range(0, R.shape[0], step):
-            sl = slice(s, s + step)
+        order = self._chunks(R.shape[0], band.n)
+
+        def one(sl: slice) -> None:
             q = slice_coords(R[sl], band, self.pad)
-            _insert(self.data, self.weight, q, values[sl], weights[sl], self.n, None)
+            _insert(self.data, self.weight, q, values[sl], weights[sl], self.n, None, order.turn(sl))
+
+        map_batches(one, order.slices, xp)
 
     def symmetrize(self, ops: Any) -> None:
         """Average over a point group in Fourier space: sum_g of the grids sampled at R_g kappa.
@@ -181,12 +218,14 @@ class Accumulator2D(_Accumulator):
         cls = np.zeros(psi.size, np.int64) if classes is None else np.asarray(classes, np.int64)
         plane = self.n * (self.n // 2 + 1)
         values, weights = xp.asarray(values), xp.asarray(weights)
-        step = chunk_size(psi.size, band.n, 2)
-        for s in range(0, psi.size, step):
-            sl = slice(s, s + step)
+        order = self._chunks(psi.size, band.n)
+
+        def one(sl: slice) -> None:
             q = inplane_coords(psi[sl], band, self.pad, xp, xp.float64)
             offset = xp.asarray(cls[sl] * plane)[:, None, None]
-            _insert(self.data, self.weight, q, values[sl], weights[sl], self.n, offset)
+            _insert(self.data, self.weight, q, values[sl], weights[sl], self.n, offset, order.turn(sl))
+
+        map_batches(one, order.slices, xp)
 
 
 def backproject(

@@ -229,6 +229,28 @@ def test_batch_and_chunk_size_invariance(phantom_vft) -> None:
     np.testing.assert_allclose(e1.score, e2.score, rtol=1e-5)
 
 
+def test_thread_count_invariance(phantom_vft, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches searched in 3 threads (``map_batches``) give the result of one thread, for the
+    global, local and exhaustive searches."""
+    ph, vft = phantom_vft
+    data = _simulate(ph.atoms, 30, np.random.default_rng(7), 10, 1.0, 1.5, noisy=True)
+    kw = dict(order0=1, n_levels=2, r_start=6, shift_extent=2.0, shift_step0=1.0, shift_step=0.5,
+              return_poses=True, batch_size=4)
+    runs = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("CRYODAG_THREADS", threads)
+        g = global_search(data.X, data.C, data.w, data.band, vft, **kw)
+        loc = local_search(data.X, data.C, data.w, data.band, vft, g.R[:, 0], g.shifts[:, 0], sigma_deg=3.0,
+                           step_deg=3.0, shift_sigma=0.5, shift_step=0.5, batch_size=4)
+        e = exhaustive_search(data.X, data.C, data.w, data.band, vft, 1, 2.0, 1.0, batch_size=4)
+        runs.append((g, loc, e))
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a.R, b.R)
+        np.testing.assert_array_equal(a.shifts, b.shifts)
+        np.testing.assert_array_equal(a.score, b.score)
+    np.testing.assert_array_equal(runs[0][0].poses.lse, runs[1][0].poses.lse)
+
+
 def test_window_centres_give_absolute_shifts(phantom_vft) -> None:
     """Particles shifted by ~5 px are found with a 1 px window around per-particle centres."""
     ph, vft = phantom_vft

@@ -37,6 +37,30 @@ def test_default_matches_availability(monkeypatch: pytest.MonkeyPatch) -> None:
     assert backend.name() == ("cupy" if backend.cupy_available() else "numpy")
 
 
+def test_host_threads_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYODAG_THREADS", "3")
+    assert backend.host_threads() == 3
+    monkeypatch.setenv("CRYODAG_THREADS", "0")
+    with pytest.raises(RuntimeError, match="CRYODAG_THREADS must be a positive integer"):
+        backend.host_threads()
+    monkeypatch.delenv("CRYODAG_THREADS")
+    assert backend.host_threads() == len(os.sched_getaffinity(0))
+
+
+def test_batch_slices_cover_range_and_feed_every_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYODAG_THREADS", "4")
+    sl = backend.batch_slices(10, 100, np)
+    assert len(sl) == 4 and [i for s in sl for i in range(s.start, s.stop)] == list(range(10))
+    assert [s.stop - s.start for s in backend.batch_slices(10, 2, np)] == [2] * 5
+    seen = np.zeros(10, int)
+
+    def mark(s: slice) -> None:
+        seen[s] += 1
+
+    backend.map_batches(mark, sl, np)
+    assert (seen == 1).all()
+
+
 def test_tf32_disabled_after_probe() -> None:
     backend.cupy_available()
     assert os.environ["NVIDIA_TF32_OVERRIDE"] == "0"
