@@ -48,7 +48,14 @@ import numpy as np
 from kernels import class3d as c3
 from kernels.backend import to_host, xp_of
 from kernels.fourier import Band, freqs_3d, irfft3c, rfft3c
-from kernels.projection import chunk_size, crop_centred, gridding_kernel, interp_stencil, prepare_volume, slice_coords
+from kernels.projection import (
+    crop_centred,
+    gridding_kernel,
+    interp_stencil,
+    prepare_volume,
+    slice_coords,
+    stencil_chunk,
+)
 from kernels.reconstruction import Accumulator3D, scatter_add
 from kernels.refine3d import noise_weights
 from kernels.scoring import particle_phases
@@ -213,7 +220,8 @@ class Var3D:
         aC = (C * xp.asarray(self.alpha[idx], dtype=xp.float32)[:, None]).astype(xp.float32)
         inv = self._inv_sigma2()
         mus, covs, second, gain = [], [], np.zeros((K, K)), 0.0
-        step = chunk_size(idx.size, self.band.n * (K + 2), 3)
+        grid = accs[0].weight.size if accs else 0
+        step = stencil_chunk(idx.size, self.band.n * (K + 2), 3, max(1 << 18, 2 * grid))
         for s0 in range(0, idx.size, step):
             sl = slice(s0, s0 + step)
             st = _Stencil.at(self.R[idx[sl]], self.band, xp)
