@@ -15,8 +15,10 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
@@ -165,14 +167,52 @@ def batch_slices(n: int, step: int, xp: ModuleType) -> list[slice]:
     return [slice(b, min(b + step, n)) for b in range(0, n, step)]
 
 
-def map_batches(fn: Callable[[slice], None], slices: list[slice], xp: ModuleType) -> None:
+def map_batches(fn: Callable[[slice], None], slices: list[slice], xp: ModuleType,
+                order: InOrder | None = None) -> None:
     """fn(sl) for every slice: in ``host_threads()`` threads on NumPy, in order on CuPy (one
-    stream). fn must write only its own rows of shared outputs."""
+    stream). fn must write only its own rows of shared outputs, or add to shared sums inside
+    ``order.turn(sl)`` (each slice's turn is released when fn returns or raises)."""
+    def call(sl: slice) -> None:
+        try:
+            fn(sl)
+        finally:
+            if order is not None:
+                order.release(sl)
+
     threads = min(host_threads(), len(slices)) if xp is np else 1
     if threads <= 1:
         for sl in slices:
-            fn(sl)
+            call(sl)
         return
     with ThreadPoolExecutor(threads) as pool:
-        for _ in pool.map(fn, slices):
+        for _ in pool.map(call, slices):
             pass
+
+
+class InOrder:
+    """Turns for the slices of one ``map_batches`` run: inside ``turn(sl)`` slice i runs only
+    after slice i-1 left its turn, so work before the turn runs in parallel and sums into
+    shared accumulators are always taken in the same order (a run reproduces itself bit for
+    bit). ``index(sl)`` is the slice's position (for per-slice results)."""
+
+    def __init__(self, slices: list[slice]) -> None:
+        self.slices = slices
+        self._index = {sl.start: i for i, sl in enumerate(slices)}
+        self._done = [threading.Event() for _ in slices]
+
+    def index(self, sl: slice) -> int:
+        return self._index[sl.start]
+
+    def release(self, sl: slice) -> None:
+        """Let the next slice take its turn."""
+        self._done[self._index[sl.start]].set()
+
+    @contextmanager
+    def turn(self, sl: slice) -> Iterator[None]:
+        i = self._index[sl.start]
+        if i:
+            self._done[i - 1].wait()
+        try:
+            yield
+        finally:
+            self.release(sl)

@@ -13,16 +13,14 @@ Per-shell quantities use the shell index of the unpadded box, round(|kappa| / pa
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from kernels.backend import batch_slices, get_xp, map_batches, xp_of
+from kernels.backend import InOrder, batch_slices, get_xp, map_batches, xp_of
 from kernels.fourier import Band, freqs_2d, freqs_3d, irfft2c, irfft3c, radial_average, shift_phase
 from kernels.fsc import fsc as fsc_curve
 from kernels.projection import (
@@ -45,27 +43,6 @@ def scatter_add(target: Any, idx: Any, values: Any) -> None:
         import cupyx
 
         cupyx.scatter_add(flat, idx.ravel(), values.ravel())
-
-
-class _InOrder:
-    """Scatter turns for the chunks of one insertion run by ``map_batches``: chunk i adds to
-    the grid only after chunk i-1 did, so stencils are computed in parallel and the sums are
-    always taken in the same order (a run reproduces itself bit for bit)."""
-
-    def __init__(self, slices: list[slice]) -> None:
-        self.slices = slices
-        self._index = {sl.start: i for i, sl in enumerate(slices)}
-        self._done = [threading.Event() for _ in slices]
-
-    @contextmanager
-    def turn(self, sl: slice) -> Iterator[None]:
-        i = self._index[sl.start]
-        if i:
-            self._done[i - 1].wait()
-        try:
-            yield
-        finally:
-            self._done[i].set()
 
 
 def _insert(data: Any, weight: Any, q: Any, values: Any, weights: Any, n: int, offset: Any,
@@ -116,12 +93,12 @@ class _Accumulator:
         """Padded box size pD."""
         return self.pad * self.D
 
-    def _chunks(self, n_items: int, nF: int) -> _InOrder:
+    def _chunks(self, n_items: int, nF: int) -> InOrder:
         """Insertion chunks of n_items slices of nF pixels, in scatter order: ``stencil_chunk``
         with >= 2 x grid-size stencil entries each (a chunk's scatter costs O(grid)). Measured
         (20,000 slices, D = 24, one thread): 2.8 s in one chunk, 1.2-1.5 s in these."""
         step = stencil_chunk(n_items, nF, self.ndim, max(1 << 18, 2 * self.weight.size))
-        return _InOrder(batch_slices(n_items, step, self.xp))
+        return InOrder(batch_slices(n_items, step, self.xp))
 
     def shells(self) -> Any:
         """Unpadded shell index round(|kappa| / pad) on the padded half grid (int64)."""
@@ -171,7 +148,7 @@ class Accumulator3D(_Accumulator):
             q = slice_coords(R[sl], band, self.pad)
             _insert(self.data, self.weight, q, values[sl], weights[sl], self.n, None, order.turn(sl))
 
-        map_batches(one, order.slices, xp)
+        map_batches(one, order.slices, xp, order)
 
     def symmetrize(self, ops: Any) -> None:
         """Average over a point group in Fourier space: sum_g of the grids sampled at R_g kappa.
@@ -225,7 +202,7 @@ class Accumulator2D(_Accumulator):
             offset = xp.asarray(cls[sl] * plane)[:, None, None]
             _insert(self.data, self.weight, q, values[sl], weights[sl], self.n, offset, order.turn(sl))
 
-        map_batches(one, order.slices, xp)
+        map_batches(one, order.slices, xp, order)
 
 
 def backproject(

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kernels import class3d as c3
-from kernels.backend import to_host, xp_of
+from kernels.backend import InOrder, batch_slices, map_batches, to_host, xp_of
 from kernels.fourier import Band, freqs_3d, irfft3c, rfft3c
 from kernels.projection import (
     crop_centred,
@@ -219,11 +219,12 @@ class Var3D:
         Xs = X * particle_phases(self.band, xp.asarray(self.shifts[idx]), xp)
         aC = (C * xp.asarray(self.alpha[idx], dtype=xp.float32)[:, None]).astype(xp.float32)
         inv = self._inv_sigma2()
-        mus, covs, second, gain = [], [], np.zeros((K, K)), 0.0
         grid = accs[0].weight.size if accs else 0
-        step = stencil_chunk(idx.size, self.band.n * (K + 2), 3, max(1 << 18, 2 * grid))
-        for s0 in range(0, idx.size, step):
-            sl = slice(s0, s0 + step)
+        order = InOrder(batch_slices(idx.size, stencil_chunk(idx.size, self.band.n * (K + 2), 3,
+                                                             max(1 << 18, 2 * grid)), xp))
+        parts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
+
+        def one(sl: slice) -> None:
             st = _Stencil.at(self.R[idx[sl]], self.band, xp)
             P = st.gather(fts)
             ac = aC[sl]
@@ -236,17 +237,19 @@ class Var3D:
             cov = np.linalg.inv(A)
             mu = np.einsum("bkl,bl->bk", cov, b)
             S = cov + mu[:, :, None] * mu[:, None, :]
-            gain += float(0.5 * (np.einsum("bk,bk->", b, mu) - np.linalg.slogdet(A)[1].sum()))
-            second += S.sum(axis=0)
-            mus.append(mu)
-            covs.append(cov)
+            gain = float(0.5 * (np.einsum("bk,bk->", b, mu) - np.linalg.slogdet(A)[1].sum()))
+            parts[order.index(sl)] = (mu, cov, S.sum(axis=0), gain)
             if accs is not None:
                 base = r * (ac * inv)
                 w2 = (ac.astype(xp.float64) ** 2) * inv
                 Sd, mud = xp.asarray(S), xp.asarray(mu)
-                for c, (k, m) in enumerate(self.pairs):
-                    st.insert(accs[c], mud[:, k, None] * base if c < K else None, Sd[:, k, m, None] * w2)
-        return np.concatenate(mus), np.concatenate(covs), second, gain
+                with order.turn(sl):
+                    for c, (k, m) in enumerate(self.pairs):
+                        st.insert(accs[c], mud[:, k, None] * base if c < K else None, Sd[:, k, m, None] * w2)
+
+        map_batches(one, order.slices, xp, order)
+        mus, covs, seconds, gains = zip(*(parts[i] for i in range(len(order.slices))), strict=True)
+        return np.concatenate(mus), np.concatenate(covs), np.sum(seconds, axis=0), float(sum(gains))
 
     def _solve(self, accs: list[Accumulator3D]) -> Any:
         """Per-voxel solve of (G + lambda' I) V = H -> real maps (K, D, D, D) float32."""

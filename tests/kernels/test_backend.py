@@ -61,6 +61,35 @@ def test_batch_slices_cover_range_and_feed_every_thread(monkeypatch: pytest.Monk
     assert (seen == 1).all()
 
 
+def test_in_order_turns_follow_slice_order_and_survive_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turns are taken in slice order whatever the threads do first; a slice that raises
+    before its turn releases it (no hang) and the error reaches the caller."""
+    import time
+
+    monkeypatch.setenv("CRYODAG_THREADS", "3")
+    slices = backend.batch_slices(6, 1, np)
+    order = backend.InOrder(slices)
+    taken: list[int] = []
+
+    def work(sl: slice) -> None:
+        time.sleep(0.01 * (6 - sl.start))  # later slices are ready first
+        with order.turn(sl):
+            taken.append(sl.start)
+
+    backend.map_batches(work, slices, np, order)
+    assert taken == list(range(6))
+    order = backend.InOrder(slices)
+
+    def fail_first(sl: slice) -> None:
+        if sl.start == 0:
+            raise ValueError("slice 0")
+        with order.turn(sl):
+            pass
+
+    with pytest.raises(ValueError, match="slice 0"):
+        backend.map_batches(fail_first, slices, np, order)
+
+
 def test_tf32_disabled_after_probe() -> None:
     backend.cupy_available()
     assert os.environ["NVIDIA_TF32_OVERRIDE"] == "0"
