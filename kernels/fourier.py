@@ -211,7 +211,8 @@ def shift_phase(
     """Phase ramps exp(-2*pi*i*(kx*tx + ky*ty)/D) that move image content by +t.
 
     shifts: (T, 2) in pixels as (tx, ty). Returns (T, nF) for a band, else (T, D, D//2+1).
-    Phases are computed in float64 and cast to ``dtype``.
+    Computed in float64 as the product of the per-axis ramps over the distinct kx and ky
+    values (cos/sin on (T, ~D) instead of (T, nF)), cast to ``dtype``.
     """
     xp = xp_of(shifts) if xp is None else xp
     t = xp.asarray(shifts, dtype=xp.float64).reshape(-1, 2)
@@ -219,10 +220,13 @@ def shift_phase(
         ky, kx = freqs_2d(D, xp)
     else:
         ky, kx = band.on(xp, "ky"), band.on(xp, "kx")
-    tx = t[:, 0].reshape((-1,) + (1,) * kx.ndim)
-    ty = t[:, 1].reshape((-1,) + (1,) * kx.ndim)
-    phase = (-2.0 * np.pi / D) * (kx * tx + ky * ty)
-    return (xp.cos(phase) + 1j * xp.sin(phase)).astype(dtype)
+    out = None
+    for k, tk in ((kx, t[:, 0]), (ky, t[:, 1])):
+        values, index = xp.unique(k.ravel(), return_inverse=True)
+        phase = (-2.0 * np.pi / D) * (tk[:, None] * values[None, :].astype(xp.float64))
+        ramp = (xp.cos(phase) + 1j * xp.sin(phase))[:, index.ravel()]
+        out = ramp if out is None else xp.multiply(out, ramp, out=out)
+    return out.reshape(t.shape[0], *kx.shape).astype(dtype)
 
 
 def shift_images(x: Any, shifts: Any) -> Any:
