@@ -288,12 +288,13 @@ def _shift_children(units: np.ndarray, keep: np.ndarray, step: int, radius: floa
     return np.where(valid[..., None], dec, 0), valid
 
 
-def _batch_size(n: int, per_particle: int, batch_size: int | None) -> int:
-    """Particles per batch: given, or a quarter of the memory budget shared by the threads of
-    ``map_batches`` (each holds one batch)."""
+def _batch_size(n: int, per_particle: int, batch_size: int | None, xp: Any) -> int:
+    """Particles per batch: given, or a quarter of the memory budget, on NumPy shared by the
+    threads of ``map_batches`` (each holds one batch)."""
     if batch_size is not None:
         return max(1, min(int(batch_size), n))
-    return batch_size_for(max(per_particle, 1), fraction=0.25 / host_threads(), minimum=1, maximum=max(n, 1))
+    share = 0.25 / (host_threads() if xp is np else 1)
+    return batch_size_for(max(per_particle, 1), fraction=share, minimum=1, maximum=max(n, 1))
 
 
 def _fine_bytes(nF: int, n_rot: int, n_shift: int) -> int:
@@ -375,7 +376,7 @@ def exhaustive_search(
     t = np.zeros((n, len(vfts), 2))
     score = np.zeros((n, len(vfts)), dtype=np.float32)
     index = np.zeros((n, len(vfts)), dtype=np.int64)
-    step = _batch_size(n, len(shifts) * band.n * 24, batch_size)
+    step = _batch_size(n, len(shifts) * band.n * 24, batch_size, xp)
     def one(sl: slice) -> None:
         parts = prepare_particles(X[sl], C[sl], w, phases)
         for k, vft in enumerate(vfts):
@@ -440,7 +441,7 @@ def global_search(
         + [_fine_bytes(Band(band.D, lv.r_max).n, 8 * keep.max_keep, min(n_disc, 9 * keep.max_keep))
            for lv in levels[1:]]
     )
-    step = _batch_size(n, per, batch_size)
+    step = _batch_size(n, per, batch_size, xp)
     angles = [so3_grid_angles(lv.order) for lv in levels]
     out = _Collector(n, len(vfts), keep.max_keep, return_poses)
     lev0 = levels[0]
@@ -568,7 +569,7 @@ def local_search(
     lp_t = _shift_log_prior(shifts, shift_sigma)
     R0 = to_host(R0).reshape(-1, 3, 3)
     L, T = len(dR), len(shifts)
-    step = _batch_size(n, _fine_bytes(band.n, L, T), batch_size)
+    step = _batch_size(n, _fine_bytes(band.n, L, T), batch_size, xp)
     out = _Collector(n, len(vfts), max_keep, return_poses)
     def one(sl: slice) -> None:
         B = sl.stop - sl.start

@@ -162,12 +162,14 @@ def chunk_size(n_items: int, nF: int, ndim: int) -> int:
     return batch_size_for(per_item, fraction=0.1, minimum=1, maximum=max(n_items, 1))
 
 
-def stencil_chunk(n_items: int, nF: int, ndim: int, entries: int = 1 << 18) -> int:
-    """Items per chunk of a gather or scatter: about ``entries`` stencil entries (items x nF x
-    2^ndim), so its temporaries stay cache-sized, within ``chunk_size``'s memory share.
-    Measured (one thread): 40,000 projections at D = 24 take 3.3 s in one chunk and 1.2-1.3 s
-    in chunks of 64-178; at D = 64 chunk size hardly matters (3.6-3.9 s per 8,000)."""
-    return max(1, min(chunk_size(n_items, nF, ndim), entries // (max(nF, 1) * 2**ndim)))
+def stencil_chunk(n_items: int, nF: int, ndim: int, xp: ModuleType, entries: int = 1 << 18) -> int:
+    """Items per chunk of a gather or scatter within ``chunk_size``'s memory share; on NumPy
+    at most about ``entries`` stencil entries (items x nF x 2^ndim), so the temporaries stay
+    cache-sized (a GPU wants the largest chunks). Measured (one thread): 40,000 projections at
+    D = 24 take 3.3 s in one chunk and 1.2-1.3 s in chunks of 64-178; at D = 64 chunk size
+    hardly matters (3.6-3.9 s per 8,000)."""
+    n = chunk_size(n_items, nF, ndim)
+    return max(1, min(n, entries // (max(nF, 1) * 2**ndim))) if xp is np else n
 
 
 def _gather(flat_data: Any, q: Any, n: int) -> Any:
@@ -197,7 +199,7 @@ def project(vft: VolumeFT, R: Any, band: Band) -> Any:
     n = vft.pad * vft.D
     flat = vft.data.reshape(-1)
     out = xp.empty((R.shape[0], band.n), dtype=vft.data.dtype)
-    step = stencil_chunk(R.shape[0], band.n, 3)
+    step = stencil_chunk(R.shape[0], band.n, 3, xp)
     for s in range(0, R.shape[0], step):
         out[s : s + step] = _gather(flat, slice_coords(R[s : s + step], band, vft.pad), n)
     return out
@@ -216,7 +218,7 @@ def rotate_2d(ift: ImageFT, psi_deg: Any, band: Band) -> Any:
     flat = ift.data.reshape(*lead, -1)
     psi = np.atleast_1d(np.asarray(psi_deg, dtype=np.float64))
     out = xp.empty((*lead, psi.size, band.n), dtype=ift.data.dtype)
-    step = stencil_chunk(psi.size, band.n * max(int(np.prod(lead)), 1), 2)
+    step = stencil_chunk(psi.size, band.n * max(int(np.prod(lead)), 1), 2, xp)
     for s in range(0, psi.size, step):
         q = inplane_coords(psi[s : s + step], band, ift.pad, xp, dt)
         out[..., s : s + step, :] = _gather(flat, q, n)

@@ -97,7 +97,7 @@ class _Accumulator:
         """Insertion chunks of n_items slices of nF pixels, in scatter order: ``stencil_chunk``
         with >= 2 x grid-size stencil entries each (a chunk's scatter costs O(grid)). Measured
         (20,000 slices, D = 24, one thread): 2.8 s in one chunk, 1.2-1.5 s in these."""
-        step = stencil_chunk(n_items, nF, self.ndim, max(1 << 18, 2 * self.weight.size))
+        step = stencil_chunk(n_items, nF, self.ndim, self.xp, max(1 << 18, 2 * self.weight.size))
         return InOrder(batch_slices(n_items, step, self.xp))
 
     def shells(self) -> Any:

@@ -220,8 +220,8 @@ class Var3D:
         aC = (C * xp.asarray(self.alpha[idx], dtype=xp.float32)[:, None]).astype(xp.float32)
         inv = self._inv_sigma2()
         grid = accs[0].weight.size if accs else 0
-        order = InOrder(batch_slices(idx.size, stencil_chunk(idx.size, self.band.n * (K + 2), 3,
-                                                             max(1 << 18, 2 * grid)), xp))
+        step = stencil_chunk(idx.size, self.band.n * (K + 2), 3, xp, max(1 << 18, 2 * grid))
+        order = InOrder(batch_slices(idx.size, step, xp))
         parts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
 
         def one(sl: slice) -> None:
