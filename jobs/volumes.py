@@ -71,20 +71,22 @@ def write_volume_set(ctx: JobContext, name: str, maps: list[MapOut], pixel_size:
     return VolumeSet(volumes=vols, box=box, pixel_size=pixel_size)
 
 
+def read_map(path: Path, what: str = "map") -> np.ndarray:
+    """One cubic map (D, D, D) float32 from an MRC file; JobInputError naming ``what`` and the
+    file when it cannot be read or is not a cube."""
+    try:
+        with mrcfile.open(path, permissive=True) as mrc:
+            data = np.asarray(mrc.data, dtype=np.float32)
+    except (OSError, ValueError) as exc:
+        raise JobInputError(f"{what} {path}: cannot read ({exc})") from exc
+    if data.ndim != 3 or len(set(data.shape)) != 1:
+        raise JobInputError(f"{what} {path}: expected a cubic map, got shape {data.shape}")
+    return data
+
+
 def read_maps(vs: VolumeSet, project_dir: Path) -> list[np.ndarray]:
     """The full maps of a VolumeSet (D, D, D) float32, in order."""
-    out = []
-    for v in vs.volumes:
-        path = resolve(project_dir, v.map)
-        try:
-            with mrcfile.open(path, permissive=True) as mrc:
-                data = np.asarray(mrc.data, dtype=np.float32)
-        except (OSError, ValueError) as exc:
-            raise JobInputError(f"{path}: cannot read map ({exc})") from exc
-        if data.ndim != 3 or len(set(data.shape)) != 1:
-            raise JobInputError(f"{path}: expected a cubic map, got shape {data.shape}")
-        out.append(data)
-    return out
+    return [read_map(resolve(project_dir, v.map)) for v in vs.volumes]
 
 
 def resample(vol: np.ndarray, pixel_size: float, D: int, target_pixel: float, what: str) -> np.ndarray:
@@ -113,11 +115,7 @@ def read_mask(m: Mask | None, ctx: JobContext, D: int, a: float, what: str = "ma
     if m is None:
         return None
     path = ctx.resolve(m.map)
-    try:
-        with mrcfile.open(path, permissive=True) as mrc:
-            data = np.asarray(mrc.data, dtype=np.float32)
-    except (OSError, ValueError) as exc:
-        raise JobInputError(f"{what} {path}: cannot read ({exc})") from exc
-    if data.ndim != 3 or len(set(data.shape)) != 1 or not np.isfinite(data).all():
-        raise JobInputError(f"{what} {path}: expected a finite cubic map, got shape {data.shape}")
+    data = read_map(path, what)
+    if not np.isfinite(data).all():
+        raise JobInputError(f"{what} {path}: has non-finite values")
     return np.clip(resample(data, m.pixel_size, D, a, what), 0.0, 1.0)

@@ -219,9 +219,9 @@ class Var3D:
         Xs = X * particle_phases(self.band, xp.asarray(self.shifts[idx]), xp)
         aC = (C * xp.asarray(self.alpha[idx], dtype=xp.float32)[:, None]).astype(xp.float32)
         inv = self._inv_sigma2()
-        grid = accs[0].weight.size if accs else 0
-        step = stencil_chunk(idx.size, self.band.n * (K + 2), 3, xp, max(1 << 18, 2 * grid))
-        order = InOrder(batch_slices(idx.size, step, xp))
+        nF = self.band.n * (K + 2)
+        order = accs[0].chunks(idx.size, nF) if accs else InOrder(
+            batch_slices(idx.size, stencil_chunk(idx.size, nF, 3, xp), xp))
         parts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
 
         def one(sl: slice) -> None:

@@ -316,6 +316,7 @@ def report(
 @app.command()
 def summary(workflow: Path, set_: SetOpt = None, project: ProjectOpt = None, json_: JsonOpt = False) -> None:
     """Results of a workflow run on the demo dataset against its ground truth, with the demo's checks."""
+    from jobs.errors import JobInputError
     from orchestrator import choices, demo_summary
     from orchestrator import workflow as wfmod
 
@@ -323,7 +324,7 @@ def summary(workflow: Path, set_: SetOpt = None, project: ProjectOpt = None, jso
     wf = choices.load(workflow, set_ or [], store.project_dir, store)
     try:
         rows = demo_summary.summarise(store, wf)
-    except ValueError as exc:
+    except (ValueError, JobInputError) as exc:
         raise UsageError(str(exc)) from None
     if json_:
         _print_json([vars(r) for r in rows])

@@ -17,14 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mrcfile
 import numpy as np
 import pandas as pd
 
 from jobs.artifacts import Artifact, ParticleSet, VolumeSet
 from jobs.io.star import ParticleTables, read_star
 from jobs.particles import read_tables
-from jobs.volumes import read_maps
+from jobs.volumes import read_map, read_maps
 from kernels.clustering import adjusted_rand_index
 from kernels.fourier import fourier_crop
 from kernels.fsc import fsc, resolution_at
@@ -65,7 +64,8 @@ class Truth:
         info = json.loads((source / "truth/info.json").read_text())
         names = read_star(source / "micrographs_ctf.star")["micrographs"]["rlnMicrographName"]
         codes = _codes(z["micrograph"], z["coordinates"][:, 0], z["coordinates"][:, 1])
-        maps = [_mrc(source / f"truth/volumes/state_{s:02d}.mrc") for s in range(len(info["state_counts"]))]
+        maps = [read_map(source / f"truth/volumes/state_{s:02d}.mrc", "truth map")
+                for s in range(len(info["state_counts"]))]
         return Truth(state=z["state"], t=z["t"], kind=z["kind"], duplicate=z["duplicate_of"] >= 0,
                      codes=pd.Series(np.arange(len(codes)), index=codes),
                      mics={Path(n).name: i for i, n in enumerate(names)}, maps=maps)
@@ -75,11 +75,6 @@ class Truth:
         mic = np.array([self.mics[Path(n).name] for n in p["rlnMicrographName"]])
         codes = _codes(mic, p["rlnCoordinateX"].to_numpy(float), p["rlnCoordinateY"].to_numpy(float))
         return self.codes.loc[codes].to_numpy()
-
-
-def _mrc(path: Path) -> np.ndarray:
-    with mrcfile.open(path, permissive=True) as m:
-        return np.asarray(m.data, dtype=np.float32)
 
 
 def _codes(mic: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
