@@ -160,6 +160,22 @@ def _failure(work: Path, rc: int) -> tuple[str, bool]:
     return f"job process exited with code {rc} without a result", False
 
 
+# glibc malloc for job processes (a user's own MALLOC_* settings win). By default every NumPy
+# temporary above the dynamic mmap threshold (<= 32 MB) is a fresh mmap the kernel zero-fills
+# and a free trims the heap back: homo_refine, 2 iterations on the demo, spent 6.9 s in the
+# kernel (435,000 page faults) per 38 s of user time; with these, 1.1 s (58,000), same results.
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
+
+
+def child_env(lease: dict[str, str]) -> dict[str, str]:
+    """Environment of a job process: allocator defaults, this process's, the device lease."""
+    return {**ALLOCATOR_ENV, **os.environ, **lease, "PYTHONUNBUFFERED": "1"}
+
+
 def execute(
     store: Store,
     wf: Workflow,
@@ -212,7 +228,7 @@ def _run_child(
             stdout=subprocess.PIPE,
             stderr=log,
             cwd=project,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            env=child_env(env),
         )
         assert proc.stdout is not None
         try:

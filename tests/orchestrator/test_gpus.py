@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from cli_helpers import Flow, _run
 
+from orchestrator.execute import ALLOCATOR_ENV, child_env
 from orchestrator.store import Store
 
 WF = """\
@@ -35,3 +36,13 @@ def test_gpu_jobs_get_their_own_device(flow_run_cli: Flow, n_gpus: int) -> None:
         assert e1 <= s2 or e2 <= s1, "two jobs ran on one GPU at the same time"
     else:
         assert {d1, d2} == {"0", "1"}
+
+
+def test_job_environment_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Allocator defaults < the user's environment < the device lease."""
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    env = child_env({"CUDA_VISIBLE_DEVICES": "1"})
+    assert env["MALLOC_TOP_PAD_"] == "4096"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == ALLOCATOR_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "1"
