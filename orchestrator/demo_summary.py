@@ -24,6 +24,7 @@ from jobs.artifacts import Artifact, ParticleSet, VolumeSet
 from jobs.io.star import ParticleTables, read_star
 from jobs.particles import read_tables
 from jobs.volumes import read_map, read_maps
+from jobs.working_set import working_geometry
 from kernels.clustering import adjusted_rand_index
 from kernels.fourier import fourier_crop
 from kernels.fsc import fsc, resolution_at
@@ -108,29 +109,42 @@ def _junk_line(rows_in: np.ndarray, rows_out: np.ndarray, truth: Truth) -> str:
             f"({100 * (1 - junk_out / max(junk_in, 1)):.0f}% removed), good particles {good_in} -> {good_out}")
 
 
-def _consensus(job: Any, vs: VolumeSet, project: Path, rows: np.ndarray, truth: Truth) -> tuple[str, bool]:
-    """FSC (unmasked) and real-space correlation of the consensus map with the particle-weighted
-    truth (aligned, both hands) in the refinement's working box."""
-    box = vs.box if job.params.get("refinement_box_size") is None else min(vs.box, job.params["refinement_box_size"])
-    D = box - box % 2
-    a = vs.box * vs.pixel_size / D
+def _fit_to_truth(vol: np.ndarray, D: int, a: float, rows: np.ndarray, truth: Truth) -> tuple[float, float]:
+    """(FSC 0.5 resolution Å, real-space corr) of a map (box, box, box) against the
+    particle-weighted truth of ``rows``, aligned (both hands), both Fourier-cropped to box D
+    (a Å/px)."""
     st = truth.state[rows]
     weights = np.bincount(st[st >= 0], minlength=len(truth.maps)).astype(np.float64)
     ref = np.tensordot(weights / weights.sum(), np.stack(truth.maps), axes=1).astype(np.float32)
-    vol = read_maps(vs, project)[0]
 
     def crop(v: np.ndarray) -> np.ndarray:
         return fourier_crop(v, D, ndim=3) if v.shape[-1] > D else v
 
     vol, ref = crop(vol), crop(ref)
     fit = align_volume(ref, vol, order=1)
-    res = resolution_at(fsc(vol, fit.volume), 0.5, D, a)
+    return resolution_at(fsc(vol, fit.volume), 0.5, D, a), fit.corr
+
+
+def _consensus(job: Any, vs: VolumeSet, project: Path, rows: np.ndarray, truth: Truth) -> tuple[str, bool]:
+    """FSC (unmasked) and real-space correlation of the consensus map with the particle-weighted
+    truth (aligned, both hands) in the refinement's working box."""
+    box = vs.box if job.params.get("refinement_box_size") is None else min(vs.box, job.params["refinement_box_size"])
+    D = box - box % 2
+    a = vs.box * vs.pixel_size / D
+    res, corr = _fit_to_truth(read_maps(vs, project)[0], D, a, rows, truth)
     limit, data_limit = FSC_LIMIT_FACTOR * a, FSC_LIMIT_FACTOR * vs.pixel_size
     gs = vs.volumes[0].resolution_A
     text = (f"{len(rows)} particles; GS-FSC {gs:.2f} Å (0.143); FSC to truth {res:.2f} Å (0.5; box {D} at "
             f"{a:.3g} Å/px: limit {limit:.1f} Å; at the data's {vs.pixel_size:.3g} Å/px the limit would be "
-            f"{data_limit:.1f} Å); aligned corr with truth {fit.corr:.3f}")
+            f"{data_limit:.1f} Å); aligned corr with truth {corr:.3f}")
     return text, res <= limit
+
+
+def _ab_initio_map(job: Any, vs: VolumeSet, project: Path, rows: np.ndarray, truth: Truth) -> str:
+    """The 1-class ab-initio map against the truth in the job's working box."""
+    D, a, r = working_geometry(vs.box, vs.pixel_size, job.params["max_res_A"])
+    res, corr = _fit_to_truth(read_maps(vs, project)[0], D, a, rows, truth)
+    return f"map: FSC to truth {res:.1f} Å (0.5; band limit {D * a / r:.1f} Å), aligned corr with truth {corr:.3f}"
 
 
 def _latents(t: ParticleTables, rows: np.ndarray, truth: Truth) -> tuple[str, float]:
@@ -186,6 +200,8 @@ def summarise(store: Store, wf: Workflow) -> list[Row]:
             row.result = f"{out['class_averages'].num_classes} classes, " + _junk_line(upstream(name), r, truth)
         elif node.type in ("ab_initio", "hetero_refine", "class_3d"):
             row.result, ari = _classes(p, r, truth)
+            if node.type == "ab_initio" and len(out["volumes"].volumes) == 1:
+                row.result += "; " + _ab_initio_map(done[name], out["volumes"], project, r, truth)
             if node.type != "ab_initio":
                 row.check = _check(f"ARI >= {ARI_MIN}", ari >= ARI_MIN)
                 separated |= ari >= ARI_MIN
