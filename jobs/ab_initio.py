@@ -62,7 +62,7 @@ class Params(JobParams):
     initial_sigma_scale: float = Field(2.0, ge=1, description="Initial noise scale (annealed to 1)")
     enforce_nonneg: bool = Field(True, description="Enforce non-negativity")
     center_structures: bool = Field(True, description="Centre structures in real space")
-    mask_diameter_A: float | None = Field(None, gt=0, description="Spherical window diameter (Å); None: box")
+    mask_diameter_A: float | None = Field(None, gt=0, description="Spherical window diameter (Å); None: 85% of the box")
     offset_range_A: float | None = Field(None, gt=0, description="Shift search radius (Å); None: 10% of the box")
     symmetry: PointGroup = Field("C1", description="Point group (Cn or Dn)")
     checkpoint_every: int = Field(10, ge=1, description="Iterations between checkpoints")
