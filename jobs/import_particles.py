@@ -371,7 +371,7 @@ JOB = JobType(
     params=Params,
     inputs={},
     outputs={"particles": ParticleSet},
-    version=2,
+    version=3,
     run=run,
     summary="Import RELION STAR / cryoSPARC .cs particles and their MRC stacks, or extract "
     "particles from micrographs with coordinates and CTF, as a ParticleSet",
