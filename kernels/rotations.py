@@ -177,3 +177,30 @@ def inplane_matrices(psi_deg: Any) -> Any:
     p = xp.deg2rad(_as1d(xp, psi_deg))
     c, s = xp.cos(p), xp.sin(p)
     return xp.stack([xp.stack([c, s], axis=-1), xp.stack([-s, c], axis=-1)], axis=-2)
+
+
+def errors_in_best_frame(R: np.ndarray, R_true: np.ndarray, inlier_deg: float = 15.0,
+                         n_candidates: int = 150, seed: int = 0) -> tuple[np.ndarray, bool]:
+    """Angular errors (N,) deg of poses R (N, 3, 3) from the true poses R_true (N, 3, 3) in the
+    frame of R: a reconstruction's frame and hand are arbitrary, so R_i ~ T_i G with T = R_true
+    or, for the other hand, F R_true F (F = diag(1, 1, -1)). G starts from the candidate
+    T_i^T R_i (of ``n_candidates`` random particles) with the most errors below ``inlier_deg``
+    and is then refined as the chordal mean over those inliers. Returns (errors, mirrored)."""
+    F = np.diag([1.0, 1.0, -1.0])
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(R), min(n_candidates, len(R)), replace=False)
+    best: tuple[float, np.ndarray, np.ndarray, bool] | None = None
+    for mirrored in (False, True):
+        T = F @ R_true @ F if mirrored else R_true
+        for i in picks:
+            G = T[i].T @ R[i]
+            share = float(np.mean(angular_distance_deg(R, T @ G) < inlier_deg))
+            if best is None or share > best[0]:
+                best = (share, G, T, mirrored)
+    assert best is not None
+    _, G, T, mirrored = best
+    for _ in range(3):
+        inliers = angular_distance_deg(R, T @ G) < inlier_deg
+        u, _, vt = np.linalg.svd(np.einsum("nji,njk->ik", T[inliers], R[inliers]))
+        G = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
+    return angular_distance_deg(R, T @ G), mirrored

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from scipy.spatial.transform import Rotation
 
 from kernels.rotations import (
     angular_distance_deg,
     cryosparc_from_relion,
+    errors_in_best_frame,
     euler_to_matrix,
     inplane_matrices,
     matrix_to_euler,
@@ -127,3 +129,23 @@ def test_angular_distance_and_inplane() -> None:
     M = inplane_matrices(psi)
     np.testing.assert_allclose(M, euler_to_matrix(0.0, 0.0, psi)[:, :2, :2], atol=1e-15)
     np.testing.assert_allclose(np.linalg.det(M), 1.0)
+
+
+@pytest.mark.parametrize("mirrored", [False, True])
+def test_errors_in_best_frame(mirrored: bool) -> None:
+    """Poses in an arbitrary frame (and hand) with a known 3° error and 10% random outliers:
+    the fitted frame gives back 3° for the inliers, the hand, and large errors for the outliers."""
+    rng = np.random.default_rng(3)
+    n = 400
+    R_true, G = random_rotations(n, rng), random_rotations(1, rng)[0]
+    axis = rng.standard_normal((n, 3))
+    noise = rotvec_to_matrix(np.radians(3.0) * axis / np.linalg.norm(axis, axis=1, keepdims=True))
+    F = np.diag([1.0, 1.0, -1.0])
+    T = F @ R_true @ F if mirrored else R_true
+    R = noise @ T @ G
+    outliers = rng.random(n) < 0.1
+    R[outliers] = random_rotations(int(outliers.sum()), rng)
+    err, hand = errors_in_best_frame(R, R_true)
+    assert hand == mirrored
+    assert np.allclose(err[~outliers], 3.0, atol=0.2)
+    assert np.median(err[outliers]) > 30.0
