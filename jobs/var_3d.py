@@ -147,6 +147,16 @@ def _convergence(history: dict[str, list]) -> Figure:
     return fig
 
 
+def _warn_beyond_consensus(vs: VolumeSet | None, fitted_A: float, ctx: JobContext) -> None:
+    """Warn when the components are fitted to a finer resolution (Å) than the consensus map's
+    (its GS-FSC): the mean lacks that band, so the components model it instead of the
+    variability (demo: |corr(latent, t)| 0.23 at 10 Å vs 0.71 at 18 Å over a 17.5 Å consensus)."""
+    res = vs.volumes[0].resolution_A if vs is not None else None
+    if res is not None and fitted_A < res:
+        ctx.log.warning(f"components fitted to {fitted_A:.3g} Å but the consensus map holds {res:.3g} Å: they will "
+                        f"model the band the mean lacks; set target_resolution_A or filter_res_A >= {res:.3g} Å")
+
+
 def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     ps: ParticleSet = inputs["particles"]
     tables = read_tables(ps, ctx.project_dir)
@@ -160,6 +170,7 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     R, shifts = poses_3d(tables, a)
     alpha = scale_column(tables) if params.per_particle_scale == "input" else None
     consensus = maps_at(inputs.get("volumes"), ctx, D, a, "volumes")
+    _warn_beyond_consensus(inputs.get("volumes"), max(D * a / r_max, params.filter_res_A or 0.0), ctx)
     mask = read_mask(inputs.get("mask"), ctx, D, a, "mask")
     settings = _settings(params, D, a, r_max)
     xp = get_xp()

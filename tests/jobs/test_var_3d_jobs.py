@@ -271,3 +271,18 @@ def test_display_input_errors(project, var_run) -> None:
         _display(root, {**vout, "volumes": inputs["volumes"]}, {}, "d3")
     with pytest.raises(ValueError, match="intermediates_window"):
         DISPLAY.params(intermediates_window=-0.5)
+
+
+def test_var_3d_warns_beyond_consensus(project, var_run) -> None:
+    """Fitting the components finer than the consensus map's resolution is logged as a warning
+    (the mean lacks that band); a consensus without a resolution gives none."""
+    root, inputs, _ = project
+    sctx = JobContext(name="coarse", project_dir=root, work_dir=root / "jobs/coarse", final_dir=root / "jobs/coarse")
+    full = _read(root, inputs["volumes"].volumes[0].map)
+    coarse = write_volume_set(sctx, "consensus", [MapOut(full, resolution_A=40.0)], PIXEL)
+    log: list[dict] = []
+    ctx = _ctx(root, "coarse_run", log.append)
+    VAR.run(VAR.params(**{**PARAMS, "num_iterations": 1, "num_components": 1}), {**inputs, "volumes": coarse}, ctx)
+    warned = [e["message"] for e in log if "consensus map holds" in e.get("message", "")]
+    assert len(warned) == 1 and "holds 40 Å" in warned[0] and "fitted to 24 Å" in warned[0]
+    assert not any("consensus map holds" in e.get("message", "") for e in var_run[2])
