@@ -189,16 +189,9 @@ def errors_in_best_frame(R: np.ndarray, R_true: np.ndarray, inlier_deg: float = 
     F = np.diag([1.0, 1.0, -1.0])
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(R), min(n_candidates, len(R)), replace=False)
-    best: tuple[float, np.ndarray, np.ndarray, bool] | None = None
-    for mirrored in (False, True):
-        T = F @ R_true @ F if mirrored else R_true
-        for i in picks:
-            G = T[i].T @ R[i]
-            share = float(np.mean(angular_distance_deg(R, T @ G) < inlier_deg))
-            if best is None or share > best[0]:
-                best = (share, G, T, mirrored)
-    assert best is not None
-    _, G, T, mirrored = best
+    hands = ((False, R_true), (True, F @ R_true @ F))
+    candidates = [(T, T[i].T @ R[i], mirrored) for mirrored, T in hands for i in picks]
+    T, G, mirrored = max(candidates, key=lambda c: float(np.mean(angular_distance_deg(R, c[0] @ c[1]) < inlier_deg)))
     for _ in range(3):
         inliers = angular_distance_deg(R, T @ G) < inlier_deg
         u, _, vt = np.linalg.svd(np.einsum("nji,njk->ik", T[inliers], R[inliers]))
