@@ -6,7 +6,8 @@ to the refinement box (`refinement_box_size`; particles are Fourier-cropped to i
 low-passed to `initial_lowpass_res_A`. Halves: rlnRandomSubset when present (unless
 `force_redo_gs_split`), else a seeded random split; they share data below
 `gsfsc_split_res_A`. Global coarse-to-fine pose search until the angular step reaches
-`local_search_step_deg`, local searches after; the band follows the resolution (+
+`local_search_step_deg`, local searches after, except for one more global pass when the band
+first reaches Nyquist (`research_at_full_band`); the band follows the resolution (+
 `band_increment_shells`); iterations stop at convergence (RELION's rules) or `max_iters`,
 then 1 + `num_final_passes` passes to Nyquist. Mask (`mask_mode`): "dynamic" (made from the
 map once the resolution passes `dynamic_mask_start_res_A`), "static" (the `mask` input, which
@@ -80,6 +81,8 @@ class Params(JobParams):
     band_increment_shells: int | None = Field(
         None, ge=1, description="Shells searched beyond the resolution; None: min(10, max(2, box / 8))")
     local_search_step_deg: float = Field(3.75, gt=0, description="Angular step (deg) where local searches start")
+    research_at_full_band: bool = Field(True, description="Search globally once more when the band first "
+                                                          "reaches Nyquist (rescues poses stuck since the start)")
     min_angular_step_deg: float = Field(0.5, gt=0, description="Finest angular step (deg)")
     mask_mode: Literal["dynamic", "static", "none"] | None = Field(
         None, description="Mask: dynamic, static (mask input) or none; None: static with a mask input, else dynamic")
@@ -117,7 +120,8 @@ def _settings(params: Params, D: int, a: float, mode: str) -> homo.Settings:
         symmetry=params.symmetry, mask_mode=mode, mask_threshold=params.dynamic_mask_threshold,
         mask_near_A=params.dynamic_mask_near_A, mask_far_A=params.dynamic_mask_far_A,
         mask_start_res_A=params.dynamic_mask_start_res_A, incr_shells=incr,
-        local_step_deg=params.local_search_step_deg, min_step_deg=params.min_angular_step_deg,
+        local_step_deg=params.local_search_step_deg, research_at_full_band=params.research_at_full_band,
+        min_step_deg=params.min_angular_step_deg,
         chunk=params.chunk_size)
 
 
@@ -258,7 +262,7 @@ JOB = JobType(
             "volumes": Slot(VolumeSet, help="Initial map (e.g. ab-initio)"),
             "mask": Slot(Mask, optional=True, help="Static solvent mask")},
     outputs={"volumes": VolumeSet, "sharpened": VolumeSet, "mask": Mask, "particles": ParticleSet},
-    version=1,
+    version=2,
     run=run,
     summary="Gold-standard homogeneous refinement with global then local pose search",
     adds={"particles": frozenset({"alignments3D"})},
