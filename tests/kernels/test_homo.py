@@ -150,6 +150,28 @@ def test_schedule_converges_with_local_searches_and_dynamic_mask(refined) -> Non
     assert res.guinier is not None and res.guinier.bfactor > 0
 
 
+def test_one_global_research_when_the_band_first_reaches_nyquist() -> None:
+    """research_at_full_band with local searches from the second pass (local_search_step_deg
+    7.5): the first pass on the whole band searches globally, and only that one; without it
+    every pass after the first is local."""
+    s = simulate([N], D=D, pixel_size=A, snr=SNR, seed=5, scale=SCALES)
+    passes = {}
+    for research in (True, False):
+        st = homo.Settings(D=D, pixel_size=A, particle_diameter_A=DIAMETER, r_init=round(D * A / 30),
+                           r_split=round(D * A / 20), greyscale_particles=200, shift_extent_px=3.0, incr_shells=3,
+                           mask_start_res_A=30.0, local_step_deg=7.5, research_at_full_band=research)
+        eng = homo.HomoRefine(st, np, N, 0)
+        eng.initialise(lowpass(s.maps[0], D * A / 30, 2.0), s.load)
+        passes[research] = [eng.iterate(t, s.load) for t in range(5)]
+        print(research, [(h["band_shells"], h["local_search"]) for h in passes[research]])
+    on, off = passes[True], passes[False]
+    full = next(t for t, h in enumerate(on) if h["band_shells"] == D // 2 - 1)
+    assert full > 1
+    assert [t for t, h in enumerate(on) if not h["local_search"]] == [0, full]
+    assert [t for t, h in enumerate(off) if not h["local_search"]] == [0]
+
+
+
 def test_threshold_mask_geometry() -> None:
     """Core = ball of radius 5 px; mask 1 out to 5 + near, 0 from 5 + far, cosine in between
     (bounds widened by the voxel discretisation of the core's surface: measured 1 up to r = 6.7,
