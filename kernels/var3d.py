@@ -9,7 +9,8 @@ column; the band is not cut at the filter resolutions [I]: the filters act on th
 which then hold nothing the E-step could see outside them):
 
   E-step  A_i = I + G_i, G_i[k, l] = <W_ik, W_il>, mu_i = A_i^{-1} b_i, b_i[k] = <W_ik, r_i>;
-          E[z z^T] = A_i^{-1} + mu mu^T; log-likelihood gain over V0 alone (b.mu - log det A_i) / 2.
+          E[z z^T] = A_i^{-1} + mu mu^T; log-likelihood gain over V0 alone (b.mu - log det A_i) / 2
+          (with pose freedom: of the latents and the pose corrections together).
   M-step  per padded Fourier voxel (slice-insertion approximation of sum_i P_i^T C_i^2 P_i):
           (G(kappa) + lambda'(kappa) I) V(kappa) = H(kappa), G = sum_i E[z_i z_i^T] w_i(kappa),
           H_k = sum_i mu_ik c_i(kappa), w_i / c_i the back-projected alpha^2 C^2 / sigma2 and
@@ -234,7 +235,8 @@ class Var3D:
         Xs = X * particle_phases(self.band, xp.asarray(self.shifts[idx]), xp)
         aC = (C * xp.asarray(self.alpha[idx], dtype=xp.float32)[:, None]).astype(xp.float32)
         inv = self._inv_sigma2()
-        nF = self.band.n * (K + 2)
+        n_pose = (3 if self.s.pose_sd_deg > 0 else 0) + (2 if self.s.shift_sd_px > 0 else 0)
+        nF = self.band.n * (K + 2 + n_pose)
         order = accs[0].chunks(idx.size, nF) if accs else InOrder(
             batch_slices(idx.size, stencil_chunk(idx.size, nF, 3, xp), xp))
         parts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
