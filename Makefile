@@ -1,7 +1,8 @@
 # Two entry points: `make demo` and `make test`. Both create .venv on a fresh machine (uv installs
 # the project into it: ~30 s where pip took ~90 s on the 2-core machines). Bytecode is compiled at
 # install time: with PYTHONDONTWRITEBYTECODE set, as here, every process would otherwise compile
-# prefect and the rest from source (~9 s per `flow` command).
+# prefect and the rest from source (~9 s per `flow` command). uv reads UV_INDEX_URL, not pip's
+# config, for a package index other than PyPI.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

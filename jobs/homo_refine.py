@@ -7,7 +7,7 @@ low-passed to `initial_lowpass_res_A`. Halves: rlnRandomSubset when present (unl
 `force_redo_gs_split`), else a seeded random split; they share data below
 `gsfsc_split_res_A`. Global coarse-to-fine pose search until the angular step reaches
 `local_search_step_deg`, local searches after, except for one more global pass when the band
-first reaches Nyquist (`research_at_full_band`); the band follows the resolution (+
+first reaches Nyquist - 1 (`research_at_full_band`); the band follows the resolution (+
 `band_increment_shells`); iterations stop at convergence (RELION's rules) or `max_iters`,
 then 1 + `num_final_passes` passes to Nyquist. Mask (`mask_mode`): "dynamic" (made from the
 map once the resolution passes `dynamic_mask_start_res_A`), "static" (the `mask` input, which
@@ -82,7 +82,7 @@ class Params(JobParams):
         None, ge=1, description="Shells searched beyond the resolution; None: min(10, max(2, box / 8))")
     local_search_step_deg: float = Field(3.75, gt=0, description="Angular step (deg) where local searches start")
     research_at_full_band: bool = Field(True, description="Search globally once more when the band first "
-                                                          "reaches Nyquist (rescues poses stuck since the start)")
+                                                          "reaches Nyquist - 1 (rescues poses stuck since the start)")
     min_angular_step_deg: float = Field(0.5, gt=0, description="Finest angular step (deg)")
     mask_mode: Literal["dynamic", "static", "none"] | None = Field(
         None, description="Mask: dynamic, static (mask input) or none; None: static with a mask input, else dynamic")

@@ -6,9 +6,10 @@ and are Fourier-cropped to the working box whose band ends at `target_resolution
 particles' own box, band to Nyquist - 1). Optional inputs: `volumes` (its first map is the
 consensus V0; without it V0 is reconstructed from the particles) and `mask` (without it one is
 made from the consensus: threshold `mask_threshold` x max, dilated to `mask_near_A`, soft edge to
-`mask_far_A`). `per_particle_scale` "input" reads cdagScale. `pose_sd_deg` / `shift_sd_A` > 0 let each particle's
-pose move a little while its latents are fitted (kernels/var3d.py, "pose freedom"; not in cryoSPARC):
-for consensus poses a few degrees off, whose errors otherwise fill the top components. Note that "optimal" scales absorb
+`mask_far_A`). `per_particle_scale` "input" reads cdagScale. `pose_sd_deg` / `shift_sd_A` > 0 let each
+particle's pose move a little while its latents are fitted (kernels/var3d.py, "pose freedom";
+not in cryoSPARC): for consensus poses a few degrees off, whose errors otherwise fill the top
+components. Note that "optimal" scales absorb
 part of a variability that changes the total density of the particle.
 
 Outputs: `volumes` (map 1: the mean V0, maps 2..K+1: the components in order of decreasing
@@ -64,8 +65,9 @@ class Params(JobParams):
     mask_threshold: float = Field(0.2, gt=0, lt=1, description="Auto mask threshold (fraction of max)")
     mask_near_A: float = Field(10.0, ge=0, description="Auto mask near (Å): dilation")
     mask_far_A: float = Field(20.0, gt=0, description="Auto mask far (Å): end of the soft edge")
-    pose_sd_deg: float = Field(0.0, ge=0, description="Pose freedom (deg): s.d. of the prior on small per-particle "
-                                                      "rotations fitted with the latents; 0: fixed poses")
+    pose_sd_deg: float = Field(0.0, ge=0, le=10, description="Pose freedom (deg): s.d. of the prior on small "
+                                                             "per-particle rotations fitted with the latents; 0: "
+                                                             "fixed poses")
     shift_sd_A: float = Field(0.0, ge=0, description="Shift freedom (Å): s.d. of the prior on small per-particle "
                                                      "shifts fitted with the latents; 0: fixed shifts")
     checkpoint_every: int = Field(1, ge=1, description="Iterations between checkpoints")

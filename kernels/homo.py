@@ -18,7 +18,8 @@ through a loader ``load(idx, band) -> (X (B, nF) complex64, C (B, nF) float32)``
             step with a Gaussian prior of sigma = 1 step within 2 sigma (shift lattice
             step = the displacement one angular step causes at the particle radius, in
             [0.1, 1] px). ``research_at_full_band`` [I]: the first pass whose band reaches
-            Nyquist - 1 searches globally (order0 .. order) once more, as cryoSPARC searches
+            Nyquist - 1 searches globally (order0 .. order), once more if it would have been
+            local (a global pass on that band counts as the re-search), as cryoSPARC searches
             globally every iteration: poses trapped since the first, low-resolution pass
             get out (demo consensus: > 15 deg off 16% -> 12%, flipped 3.0% -> 1.8%; +30 s).
             Temperature c_t^2, c_t = sigma_scale^(1 - t / anneal_iters) -> 1.
@@ -328,7 +329,7 @@ class HomoRefine:
         research = (s.research_at_full_band and not final and self.has_poses and not self.researched
                     and self.r == s.r_max)
         local = self.has_poses and self.step <= s.local_step_deg and not research
-        self.researched |= research
+        self.researched |= self.r == s.r_max and not local
         refs = [prepare_volume(v * self.mask) for v in self.vols]
         nw = noise_weights(self.sigma2, band)
         w = band.on(xp, "weight") * nw

@@ -30,7 +30,8 @@ shift axis, each x its s.d. The joint Gaussian posterior over (z_i, d_i) is exac
 its z block and the M-step fits the components to r_i minus the pose part, H_k from
 mu_ik r_i - sum_j E[z_ik d_ij] D_ij. Without it, consensus poses a few degrees off put the
 pose-error modes of the whole particle into the top components (test_var3d: 3 deg / 0.3 px
-errors drop |corr(z, t)| from 0.90 to 0.42; the demo's consensus 0.712 -> 0.724 at 2 deg / 2 Å).
+errors: |corr(z, t)| 0.42 with fixed poses, 0.90 with pose freedom; the demo's consensus
+0.712 -> 0.724 at 2 deg / 2 Å).
 
 ``prepare`` reuses ``class3d.Class3D.prepare`` with one class for the fixed quantities: noise
 model, consensus V0 (given or reconstructed, scaled to the data), per-particle scale (none / input
@@ -263,16 +264,18 @@ class Var3D:
             if accs is not None:
                 w2 = (ac.astype(xp.float64) ** 2) * inv
                 Sd, mud = xp.asarray(S), xp.asarray(mu)
-                if Dn is None:
-                    base = r * (ac * inv)
-                    targets = [mud[:, k, None] * base for k in range(K)]
-                else:
-                    Ezd = xp.asarray(cov_all[:, :K, K:] + mu[:, :, None] * mu_all[:, None, K:])
-                    targets = [(mud[:, k, None] * r - xp.einsum("jb,jbf->bf", Ezd[:, k].T, Dn)) * (ac * inv)
-                               for k in range(K)]
+                base = r * (ac * inv)
+                Ezd = None if Dn is None else xp.asarray(cov_all[:, :K, K:] + mu[:, :, None] * mu_all[:, None, K:])
+
+                def target(k: int) -> Any:
+                    """What component k is fitted to: E[z_k (r - D d)] x alpha C / sigma2."""
+                    if Ezd is None:
+                        return mud[:, k, None] * base
+                    return mud[:, k, None] * base - xp.einsum("jb,jbf->bf", Ezd[:, k].T, Dn) * (ac * inv)
+
                 with order.turn(sl):
                     for c, (k, m) in enumerate(self.pairs):
-                        st.insert(accs[c], targets[k] if c < K else None, Sd[:, k, m, None] * w2)
+                        st.insert(accs[c], target(k) if c < K else None, Sd[:, k, m, None] * w2)
 
         map_batches(one, order.slices, xp, order)
         mus, covs, seconds, gains = zip(*(parts[i] for i in range(len(order.slices))), strict=True)

@@ -153,9 +153,9 @@ def test_schedule_converges_with_local_searches_and_dynamic_mask(refined) -> Non
 def test_one_global_research_when_the_band_first_reaches_nyquist() -> None:
     """research_at_full_band with local searches from the second pass (local_search_step_deg
     7.5): the first pass on the whole band searches globally, and only that one; without it
-    every pass after the first is local."""
+    every pass after the first is local. A checkpoint keeps that the re-search was done."""
     s = simulate([N], D=D, pixel_size=A, snr=SNR, seed=5, scale=SCALES)
-    passes = {}
+    passes, engines = {}, {}
     for research in (True, False):
         st = homo.Settings(D=D, pixel_size=A, particle_diameter_A=DIAMETER, r_init=round(D * A / 30),
                            r_split=round(D * A / 20), greyscale_particles=200, shift_extent_px=3.0, incr_shells=3,
@@ -163,13 +163,17 @@ def test_one_global_research_when_the_band_first_reaches_nyquist() -> None:
         eng = homo.HomoRefine(st, np, N, 0)
         eng.initialise(lowpass(s.maps[0], D * A / 30, 2.0), s.load)
         passes[research] = [eng.iterate(t, s.load) for t in range(5)]
+        engines[research] = (st, eng)
         print(research, [(h["band_shells"], h["local_search"]) for h in passes[research]])
     on, off = passes[True], passes[False]
     full = next(t for t, h in enumerate(on) if h["band_shells"] == D // 2 - 1)
     assert full > 1
     assert [t for t, h in enumerate(on) if not h["local_search"]] == [0, full]
     assert [t for t, h in enumerate(off) if not h["local_search"]] == [0]
-
+    st, eng = engines[True]
+    resumed = homo.HomoRefine(st, np, N, 0)
+    resumed.load_state(eng.state())
+    assert resumed.researched and (resumed.r, resumed.order) == (eng.r, eng.order)
 
 
 def test_threshold_mask_geometry() -> None:
