@@ -6,11 +6,11 @@ and are Fourier-cropped to the working box whose band ends at `target_resolution
 particles' own box, band to Nyquist - 1). Optional inputs: `volumes` (its first map is the
 consensus V0; without it V0 is reconstructed from the particles) and `mask` (without it one is
 made from the consensus: threshold `mask_threshold` x max, dilated to `mask_near_A`, soft edge to
-`mask_far_A`). `per_particle_scale` "input" reads cdagScale. `pose_sd_deg` / `shift_sd_A` > 0 let each
-particle's pose move a little while its latents are fitted (kernels/var3d.py, "pose freedom";
-not in cryoSPARC): for consensus poses a few degrees off, whose errors otherwise fill the top
-components. Note that "optimal" scales absorb
-part of a variability that changes the total density of the particle.
+`mask_far_A`). `per_particle_scale` "input" reads cdagScale. Note that "optimal" scales absorb
+part of a variability that changes the total density of the particle. `pose_sd_deg` and
+`shift_sd_A` above 0 let each particle's pose move a little while its latents are fitted
+(kernels/var3d.py, "pose freedom"; not in cryoSPARC): for consensus poses a few degrees off,
+whose errors otherwise fill the top components.
 
 Outputs: `volumes` (map 1: the mean V0, maps 2..K+1: the components in order of decreasing
 variance, each of unit norm inside the mask at the working box, all with the mask, at the

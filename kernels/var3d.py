@@ -45,7 +45,8 @@ components (``components``); ``eigenvalues`` are the latent variances of the las
 ``latent_variance()`` = mean_i E[z_ik^2] of the final E-step (§9.2). Memory: K + 1 maps, K(K+1)/2
 padded accumulators and a chunk of particles; per particle only alpha and the latents.
 Projections and insertions of a batch share one interpolation stencil (K + 1 gathers and
-K (K + 3) / 2 scatters of the same ``kernels.projection.interp_stencil``).
+K (K + 3) / 2 scatters of the same ``kernels.projection.interp_stencil``); pose freedom adds three
+stencils (the turned poses) with one gather of V0 each.
 """
 
 from __future__ import annotations
