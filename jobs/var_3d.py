@@ -252,7 +252,7 @@ JOB = JobType(
             "volumes": Slot(VolumeSet, optional=True, help="Consensus map (the first map)"),
             "mask": Slot(Mask, optional=True, help="Solvent / focus mask")},
     outputs={"volumes": VolumeSet, "particles": ParticleSet},
-    version=1,
+    version=2,
     run=run,
     summary="3D variability analysis (PPCA by EM with fixed poses): mean, components and per-particle latents",
     adds={"particles": frozenset({"latent"})},

@@ -109,7 +109,7 @@ def test_v1_component_is_dv(linear: Linear3D, v1: v3.Var3D) -> None:
 
 def test_pose_freedom_absorbs_pose_errors(linear: Linear3D) -> None:
     """Poses 3 deg per axis and shifts 0.3 px off (a poor consensus): with fixed poses the modes of
-    the pose errors outweigh the density change (best |corr(z_k, t)| 0.42 measured); fitting small
+    the pose errors outweigh the density change (best |corr(z_k, t)| 0.57 measured); fitting small
     rotations and shifts with the latents (prior s.d. = the errors) recovers z_1 (0.90 measured)."""
     rng = np.random.default_rng(3)
     R = rotvec_to_matrix(rng.normal(0, np.deg2rad(3.0), (N, 3))) @ linear.data.R
@@ -123,7 +123,7 @@ def test_pose_freedom_absorbs_pose_errors(linear: Linear3D) -> None:
         if pose_sd:
             assert abs(_corr(eng.z[:, 0], linear.t)) >= 0.85
     print(f"pose errors 3 deg / 0.3 px: best |corr(z_k, t)| fixed {best[0]:.3f}, with pose freedom {best[1]:.3f}")
-    assert best[0] < 0.6
+    assert best[0] < 0.7 and best[1] >= best[0] + 0.2
 
 
 def test_v6_orthogonality_and_ordering(v1: v3.Var3D) -> None:
@@ -245,7 +245,7 @@ def test_stencil_parity_and_solve(linear: Linear3D) -> None:
         ref = project(prepare_volume(vols[k].astype(np.float64)), R, band)
         assert np.allclose(P[k], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     lam = 0.05
-    eng = v3.Var3D(_settings(n_components=1, lambda_reg=lam), np, R, shifts, seed=0)
+    eng = v3.Var3D(_settings(n_components=1, lambda_reg=lam, oversample=0), np, R, shifts, seed=0)
     accs = eng._new_accs()
     phase = np.conj(shift_phase(D, shifts, band, dtype=np.complex128))
     st.insert(accs[0], X * phase * C * band.weight, C.astype(np.float64) ** 2 * band.weight)
@@ -260,25 +260,45 @@ def test_stencil_parity_and_solve(linear: Linear3D) -> None:
     assert np.allclose(eng._solve(accs)[0], ref, atol=1e-5 * np.abs(ref).max())
 
 
-def test_resume_equals_straight_run(linear: Linear3D) -> None:
-    """state() after two iterations, restored into a fresh engine, continues to the same result."""
+@pytest.mark.parametrize("steps", [1, 2])
+def test_resume_equals_straight_run(linear: Linear3D, steps: int) -> None:
+    """state() after one iteration (still carrying the oversampled components) or two (after the
+    warm-up dropped them), restored into a fresh engine, continues to the same result."""
     n = 300
     R, t = (x[:n] for x in _poses(linear))
     load = linear.data.load
     settings = _settings(n_components=2, n_iterations=3, chunk=128)
+    assert settings.warm_iterations == 2
     a = v3.Var3D(settings, np, R, t, seed=4)
     a.prepare(load, consensus=linear.data.maps[1])
     b = v3.Var3D(settings, np, R, t, seed=4)
     b.prepare(load, consensus=linear.data.maps[1])
     a.run(load)
-    b.step(load)
-    b.step(load)
+    for _ in range(steps):
+        b.step(load)
+    assert b.n_carried == (2 + settings.oversample if steps < 2 else 2)
     c = v3.Var3D(settings, np, R, t, seed=4)
     c.load_state(b.state())
     c.run(load)
-    assert c.t == a.t == 3 and c.finalized
+    assert c.t == a.t == 3 and c.finalized and c.n_carried == 2
     assert np.array_equal(c.z, a.z) and np.array_equal(c.comps, a.comps)
-    assert c.history["loglik_gain"] == a.history["loglik_gain"]
+    assert c.history == a.history and all(len(ev) == 2 for ev in a.history["eigenvalues"])
+
+
+def test_oversampling_finds_the_mode_from_any_start(linear: Linear3D) -> None:
+    """One component, three iterations, four random starts: carrying two extra components through
+    the warm-up (the default) finds the motion from every start, |corr(z_1, t)| >= 0.9 (measured
+    0.94 for all four). Without them (oversample=0) the start of seed 1 was nearly orthogonal to
+    dV and its component had not grown into it after three iterations (0.25; 0.94 for the others)."""
+    R, t = _poses(linear)
+    corr = []
+    for seed in range(4):
+        eng = v3.Var3D(_settings(n_components=1, n_iterations=3), np, R, t, seed=seed)
+        eng.prepare(linear.data.load, consensus=linear.data.maps[1])
+        eng.run(linear.data.load)
+        corr.append(abs(_corr(eng.z[:, 0], linear.t)))
+    print(f"oversampled, 3 iterations: |corr(z_1, t)| per seed {np.round(corr, 3)}")
+    assert min(corr) >= 0.9 and eng.z.shape == (N, 1) and eng.comps.shape[0] == 1
 
 
 def test_gmm_recovers_clusters() -> None:
