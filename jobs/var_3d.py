@@ -10,7 +10,9 @@ made from the consensus: threshold `mask_threshold` x max, dilated to `mask_near
 part of a variability that changes the total density of the particle. `pose_sd_deg` and
 `shift_sd_A` above 0 let each particle's pose move a little while its latents are fitted
 (kernels/var3d.py, "pose freedom"; not in cryoSPARC): for consensus poses a few degrees off,
-whose errors otherwise fill the top components.
+whose errors otherwise fill the top components. `oversample` extra components are carried
+through the first half of the iterations and then dropped (kernels/var3d.py: the K-th component
+no longer depends on the random start; K + 2 maps and accumulators meanwhile; 0: off).
 
 Outputs: `volumes` (map 1: the mean V0, maps 2..K+1: the components in order of decreasing
 variance, each of unit norm inside the mask at the working box, all with the mask, at the
@@ -70,6 +72,9 @@ class Params(JobParams):
                                                              "fixed poses")
     shift_sd_A: float = Field(0.0, ge=0, description="Shift freedom (Å): s.d. of the prior on small per-particle "
                                                      "shifts fitted with the latents; 0: fixed shifts")
+    oversample: int = Field(2, ge=0, le=10, description="Extra components carried through the first half of the "
+                                                         "iterations, then dropped (convergence from any random "
+                                                         "start); 0: off")
     checkpoint_every: int = Field(1, ge=1, description="Iterations between checkpoints")
     chunk_size: int = Field(1000, ge=1, description="Particles per chunk")
 
@@ -96,7 +101,7 @@ def _settings(params: Params, D: int, a: float, r_max: int) -> v3.Settings:
         filter_res_A=params.filter_res_A, filter_order=params.filter_order, highpass_res_A=params.highpass_res_A,
         lambda_reg=params.lambda_reg, scale_mode=params.per_particle_scale, mask_threshold=params.mask_threshold,
         mask_near_px=params.mask_near_A / a, mask_far_px=params.mask_far_A / a, chunk=params.chunk_size,
-        pose_sd_deg=params.pose_sd_deg, shift_sd_px=params.shift_sd_A / a,
+        pose_sd_deg=params.pose_sd_deg, shift_sd_px=params.shift_sd_A / a, oversample=params.oversample,
     )
 
 

@@ -30,17 +30,18 @@ shift axis, each x its s.d. The joint Gaussian posterior over (z_i, d_i) is exac
 its z block and the M-step fits the components to r_i minus the pose part, H_k from
 mu_ik r_i - sum_j E[z_ik d_ij] D_ij. Without it, consensus poses a few degrees off put the
 pose-error modes of the whole particle into the top components (test_var3d: 3 deg / 0.3 px
-errors: |corr(z, t)| 0.42 with fixed poses, 0.90 with pose freedom; the demo's consensus
-0.712 -> 0.724 at 2 deg / 2 Å).
+errors: |corr(z, t)| 0.57 with fixed poses (0.42 without oversampling), 0.90 with pose freedom;
+the demo's consensus of session 16, before oversampling: 0.712 -> 0.724 at 2 deg / 2 Å).
 
 Oversampling [I] (``oversample`` p, default 2; randomised subspace iteration): the EM carries
-K + p components from the random start through the first ``warm_iterations`` = ceil(n / 2)
+K + p components from the random start through the first ``warm_iterations`` = ceil(n_iterations / 2)
 iterations and then keeps the K of largest variance. EM from a random start grows each
 component into the data's modes at a rate set by how much of them the start holds; a start
 nearly orthogonal to the K-th mode leaves that component on a weaker one for many iterations
 (demo consensus, K = 3, 8 iterations: seed 0 ended at best |corr(z, t)| 0.31, seeds 1-3 at 0.73;
 test_var3d: K = 1, 3 iterations, seed 1 0.25 vs 0.94). The extra components hold such modes
-until the K strongest have grown; the converged subspace is the same.
+until the K strongest have grown; the converged subspace is the same. The log-likelihood gain
+of the warm-up iterations is that of the K + p model (it steps down when the extras go).
 
 ``prepare`` reuses ``class3d.Class3D.prepare`` with one class for the fixed quantities: noise
 model, consensus V0 (given or reconstructed, scaled to the data), per-particle scale (none / input
@@ -52,8 +53,9 @@ After the iterations ``finalize`` runs one more E-step so that the latents belon
 Reported latents z (N, K) and their posterior standard deviations are in units of the unit-norm
 components (``components``); ``eigenvalues`` are the latent variances of the last rotation,
 ``latent_variance()`` = mean_i E[z_ik^2] of the final E-step (§9.2). Memory: K + 1 maps, K(K+1)/2
-padded accumulators and a chunk of particles (K + p during the warm-up); per particle only alpha
-and the latents.
+padded accumulators and a chunk of particles; per particle only alpha and the latents. During the
+warm-up K + p replaces K in the maps, accumulators, gathers and scatters (K = 3, p = 2: 15
+accumulators instead of 6).
 Projections and insertions of a batch share one interpolation stencil (K + 1 gathers and
 K (K + 3) / 2 scatters of the same ``kernels.projection.interp_stencil``); pose freedom adds three
 stencils (the turned poses) with one gather of V0 each.
@@ -120,6 +122,11 @@ class Settings:
     shift_sd_px: float = 0.0
     oversample: int = 2
 
+    def __post_init__(self) -> None:
+        if self.n_iterations < 1 or self.oversample < 0:
+            raise ValueError(f"need n_iterations >= 1 and oversample >= 0, got {self.n_iterations}, "
+                             f"{self.oversample}")
+
     @property
     def warm_iterations(self) -> int:
         """Iterations that carry the ``oversample`` extra components (module doc)."""
@@ -180,8 +187,9 @@ class _Stencil:
 
 class Var3D:
     """State: mean V0 (D, D, D), mask (D, D, D), sigma2 (D//2,), alpha (N,), components ``comps``
-    (K, D, D, D) stored as sqrt(eigenvalue) x unit masked norm, eigenvalues (K,), latents z and
-    z_std (N, K) (unit-norm component units, from the last E-step), iteration counter t,
+    (K', D, D, D) stored as sqrt(eigenvalue) x unit masked norm, eigenvalues (K',), latents z and
+    z_std (N, K') (unit-norm component units, from the last E-step; K' = ``n_carried``: K + p
+    during the warm-up, then K), iteration counter t,
     ``finalized`` and per-iteration ``history``. R (N, 3, 3), shifts (N, 2) px: fixed poses."""
 
     def __init__(self, settings: Settings, xp: ModuleType, R: np.ndarray, shifts: np.ndarray, seed: int) -> None:

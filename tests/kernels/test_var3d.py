@@ -109,8 +109,9 @@ def test_v1_component_is_dv(linear: Linear3D, v1: v3.Var3D) -> None:
 
 def test_pose_freedom_absorbs_pose_errors(linear: Linear3D) -> None:
     """Poses 3 deg per axis and shifts 0.3 px off (a poor consensus): with fixed poses the modes of
-    the pose errors outweigh the density change (best |corr(z_k, t)| 0.57 measured); fitting small
-    rotations and shifts with the latents (prior s.d. = the errors) recovers z_1 (0.90 measured)."""
+    the pose errors outweigh the density change (best |corr(z_k, t)| 0.57 measured, 0.42 without
+    oversampling); fitting small rotations and shifts with the latents (prior s.d. = the errors)
+    recovers z_1 (0.90 measured)."""
     rng = np.random.default_rng(3)
     R = rotvec_to_matrix(rng.normal(0, np.deg2rad(3.0), (N, 3))) @ linear.data.R
     t = linear.data.shift + rng.normal(0, 0.3, linear.data.shift.shape)
@@ -123,7 +124,7 @@ def test_pose_freedom_absorbs_pose_errors(linear: Linear3D) -> None:
         if pose_sd:
             assert abs(_corr(eng.z[:, 0], linear.t)) >= 0.85
     print(f"pose errors 3 deg / 0.3 px: best |corr(z_k, t)| fixed {best[0]:.3f}, with pose freedom {best[1]:.3f}")
-    assert best[0] < 0.7 and best[1] >= best[0] + 0.2
+    assert best[0] < 0.7
 
 
 def test_v6_orthogonality_and_ordering(v1: v3.Var3D) -> None:
@@ -289,16 +290,21 @@ def test_oversampling_finds_the_mode_from_any_start(linear: Linear3D) -> None:
     """One component, three iterations, four random starts: carrying two extra components through
     the warm-up (the default) finds the motion from every start, |corr(z_1, t)| >= 0.9 (measured
     0.94 for all four). Without them (oversample=0) the start of seed 1 was nearly orthogonal to
-    dV and its component had not grown into it after three iterations (0.25; 0.94 for the others)."""
+    dV and its component had not grown into it after three iterations (0.25; 0.94 for the others):
+    the control run checks that this start is a hard one."""
     R, t = _poses(linear)
-    corr = []
-    for seed in range(4):
-        eng = v3.Var3D(_settings(n_components=1, n_iterations=3), np, R, t, seed=seed)
+
+    def corr(seed: int, oversample: int) -> float:
+        eng = v3.Var3D(_settings(n_components=1, n_iterations=3, oversample=oversample), np, R, t, seed=seed)
         eng.prepare(linear.data.load, consensus=linear.data.maps[1])
         eng.run(linear.data.load)
-        corr.append(abs(_corr(eng.z[:, 0], linear.t)))
-    print(f"oversampled, 3 iterations: |corr(z_1, t)| per seed {np.round(corr, 3)}")
-    assert min(corr) >= 0.9 and eng.z.shape == (N, 1) and eng.comps.shape[0] == 1
+        assert eng.z.shape == (N, 1) and eng.comps.shape[0] == 1
+        return abs(_corr(eng.z[:, 0], linear.t))
+
+    found = [corr(seed, 2) for seed in range(4)]
+    control = corr(1, 0)
+    print(f"3 iterations: |corr(z_1, t)| per seed {np.round(found, 3)}; seed 1 without oversampling {control:.3f}")
+    assert min(found) >= 0.9 and control < 0.9
 
 
 def test_gmm_recovers_clusters() -> None:
