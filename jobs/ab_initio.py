@@ -57,6 +57,8 @@ class Params(JobParams):
     learning_rate_final: float = Field(0.15, gt=0, le=1, description="Learning rate after the high-rate phase")
     high_lr_iters: int = Field(30, ge=0, description="Iterations at the initial learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    num_starts: int = Field(1, ge=1, le=20, description="Random starts of the initial phase; the run continues "
+                                                        "from the one of highest log evidence")
     class_similarity: float = Field(0.1, ge=0, le=1, description="Class similarity (annealed to 0)")
     class_similarity_end: int = Field(40, ge=0, description="Iteration where class similarity reaches 0")
     initial_sigma_scale: float = Field(2.0, ge=1, description="Initial noise scale (annealed to 1)")
@@ -132,6 +134,9 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     K = params.num_classes
     if used.size < max(2 * K, params.batch_size // 4):
         raise JobInputError(f"{used.size} particles are too few for {K} classes")
+    if params.num_starts > 1 and params.num_init_iters < 1:
+        raise JobInputError(f"num_starts {params.num_starts} needs num_init_iters >= 1 (the starts are compared "
+                            f"after the initial iterations)")
     if params.init_res_A <= params.max_res_A:
         raise JobInputError(f"init_res_A {params.init_res_A} must be coarser than max_res_A {params.max_res_A}")
     D, a, r_max = working_geometry(ps.box, ps.pixel_size, params.max_res_A)
@@ -147,7 +152,7 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
         similarity_end=params.class_similarity_end, sigma_scale=params.initial_sigma_scale,
         nonneg=params.enforce_nonneg, recentre=params.center_structures,
         window_radius_px=None if params.mask_diameter_A is None else params.mask_diameter_A / (2 * a),
-        shift_extent_px=shift, symmetry=params.symmetry,
+        shift_extent_px=shift, symmetry=params.symmetry, n_starts=params.num_starts,
     )
     xp = get_xp()
     eng = ab.AbInitio(settings, xp, used.size, params.seed)
@@ -163,6 +168,18 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     fractions = np.zeros((total, K))
     if done < 0:
         eng.initialise(load)
+        if settings.n_starts > 1:
+
+            def started(m: int, score: float) -> None:
+                ctx.check_cancelled()
+                ctx.log.info(f"start {m + 1}: mean log evidence {score:.3f} after {params.num_init_iters} iterations")
+                ctx.metric("start_log_evidence", score, m)
+                ctx.progress("starts", m + 1, settings.n_starts)
+
+            done, start_fractions = eng.best_start(load, started)
+            fractions[: done + 1] = start_fractions
+            ctx.log.info("continuing from the start of highest log evidence")
+            _save(ctx, eng, done, fractions)
     else:
         with np.load(ctx.checkpoint_dir / STATE_FILE) as d:
             fractions = d["fractions"]

@@ -103,3 +103,20 @@ def test_ab_initio_rejects_bad_params(project) -> None:
         AB.run(AB.params(max_res_A=40.0, init_res_A=30.0), {"particles": ps}, _ctx(root, "bad2", []))
     with pytest.raises(ValueError, match="symmetry"):
         AB.params(symmetry="I2")
+
+
+def test_ab_initio_several_starts(project) -> None:
+    """num_starts 3: every start is logged with its log evidence, the run continues from the best
+    one (its checkpoint holds the chosen start's class fractions) and ends like a single start."""
+    root, ps = project
+    events: list[dict] = []
+    ctx = _ctx(root, "abinit_starts", events)
+    out = AB.run(AB.params(**AB_PARAMS, num_particles=120, num_starts=3), {"particles": ps}, ctx)
+    scores = [e["value"] for e in events if e["event"] == "metric" and e["name"] == "start_log_evidence"]
+    assert len(scores) == 3 and np.isfinite(scores).all() and len(out["volumes"].volumes) == 2
+    assert any("continuing from the start" in e.get("message", "") for e in events)
+    with np.load(ctx.checkpoint_dir / "state.npz") as d:
+        assert np.allclose(d["fractions"][: AB_PARAMS["num_init_iters"]].sum(axis=1), 1.0)
+    with pytest.raises(JobInputError, match="num_init_iters"):
+        AB.run(AB.params(**{**AB_PARAMS, "num_init_iters": 0}, num_starts=2), {"particles": ps},
+               _ctx(root, "bad3", []))

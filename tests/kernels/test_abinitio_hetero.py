@@ -12,6 +12,8 @@ determined). Thresholds are relative to what the data allow, measured in the tes
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from sim3d import Set3D, simulate
@@ -127,6 +129,30 @@ def test_gpu_expectation_parity_with_numpy(states: Set3D) -> None:
         res.append((e.p.argmax(1), backend.to_host(e.result.grid_index)))
     assert np.mean(res[0][0] == res[1][0]) >= 0.99
     assert np.mean(res[0][1] == res[1][1]) >= 0.99
+
+
+def test_best_start_keeps_the_start_of_highest_evidence(homogeneous: Set3D) -> None:
+    """Three starts of the initial phase on the same minibatches: the scores differ, the engine
+    continues from the maximum (its log evidence on the held-out batch is that score) and the
+    first start is initialise's own (same maps as a single-start run after the initial phase)."""
+    st = ab.Settings(n_classes=1, D=D, pixel_size=A, r_init=4, r_max=R_MAX, n_init_iters=3, radius_step=0.5,
+                     n_final_iters=1, batch_size=150, high_lr_iters=3, shift_extent_px=2.0, n_starts=3)
+    eng = ab.AbInitio(st, np, len(homogeneous.state), 0)
+    eng.initialise(homogeneous.load)
+    scores: list[float] = []
+    done, fractions = eng.best_start(homogeneous.load, lambda m, score: scores.append(score))
+    low = Band(D, 4)
+    X, C = homogeneous.load(eng.batch_indices(1 << 29), low)
+    print(f"start scores {np.round(scores, 4)}")
+    assert done == 2 and fractions.shape == (3, 1) and len(scores) == 3 and len(set(scores)) == 3
+    assert np.isclose(eng.log_evidence(X, C, low), max(scores))
+    one = ab.AbInitio(replace(st, n_starts=1), np, len(homogeneous.state), 0)
+    one.initialise(homogeneous.load)
+    for t in range(3):
+        one.iterate(t, homogeneous.load)
+    assert np.isclose(one.log_evidence(X, C, low), scores[0])
+    with pytest.raises(ValueError, match="n_starts"):
+        replace(st, n_init_iters=0)
 
 
 def test_abinitio_recentres_all_classes_by_one_shift(states: Set3D) -> None:
