@@ -4,7 +4,9 @@ Engine: kernels/abinitio.py. Particles are Fourier-cropped to the working box wh
 at `max_res_A`; the schedule runs `num_init_iters` at `init_res_A`, raises the Fourier radius
 by `radius_step` shells per iteration up to `max_res_A`, then `num_final_iters` more.
 `num_particles` draws a random subset (seeded) for large datasets; only the subset is used
-and output. After the last iteration every used particle gets one E-step (class, 3D pose).
+and output. `num_starts` > 1 runs the initial iterations from that many random starts and
+continues from the one of highest log evidence on a held-out batch (kernels/abinitio.py).
+After the last iteration every used particle gets one E-step (class, 3D pose).
 
 The hand: ab-initio cannot tell a map from its mirror image, and each class is initialised
 independently, so each output map has an arbitrary hand (as in cryoSPARC and RELION). The job
