@@ -5,7 +5,7 @@ at `max_res_A`; the schedule runs `num_init_iters` at `init_res_A`, raises the F
 by `radius_step` shells per iteration up to `max_res_A`, then `num_final_iters` more.
 `num_particles` draws a random subset (seeded) for large datasets; only the subset is used
 and output. `num_starts` > 1 runs the initial iterations from that many random starts and
-continues from the one of highest log evidence on a held-out batch (kernels/abinitio.py).
+continues from the one of highest log evidence on a separate batch (kernels/abinitio.py).
 After the last iteration every used particle gets one E-step (class, 3D pose).
 
 The hand: ab-initio cannot tell a map from its mirror image, and each class is initialised
@@ -97,6 +97,11 @@ def _save(ctx: JobContext, eng: ab.AbInitio, done: int, fractions: np.ndarray) -
     tmp.replace(path)
 
 
+def _metrics(ctx: JobContext, m: dict[str, Any], t: int) -> None:
+    for name in ("resolution_A", "class_fractions", "mean_class_ess", "temperature"):
+        ctx.metric(name, m[name], t)
+
+
 def _assign(eng: ab.AbInitio, src: WorkingSet, used: np.ndarray, chunk: int,
             ctx: JobContext) -> list[tuple[np.ndarray, EStep3D]]:
     """Final E-step of the used particles at the maximum resolution, chunk by chunk."""
@@ -178,8 +183,10 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
                 ctx.metric("start_log_evidence", score, m)
                 ctx.progress("starts", m + 1, settings.n_starts)
 
-            done, start_fractions = eng.best_start(load, started)
-            fractions[: done + 1] = start_fractions
+            done, start_metrics = eng.best_start(load, started)
+            for t, m in enumerate(start_metrics):
+                fractions[t] = m["class_fractions"]
+                _metrics(ctx, m, t)
             ctx.log.info("continuing from the start of highest log evidence")
             _save(ctx, eng, done, fractions)
     else:
@@ -189,8 +196,7 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
         ctx.check_cancelled()
         _, _, m = eng.iterate(t, load)
         fractions[t] = m["class_fractions"]
-        for name in ("resolution_A", "class_fractions", "mean_class_ess", "temperature"):
-            ctx.metric(name, m[name], t)
+        _metrics(ctx, m, t)
         ctx.progress("iterations", t + 1, total)
         if (t + 1) % params.checkpoint_every == 0 or t + 1 == total:
             _save(ctx, eng, t, fractions)

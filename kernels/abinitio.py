@@ -28,12 +28,13 @@ the data power below r_init. Memory: K maps, their momentum, one minibatch.
 
 Several starts [I] (``n_starts`` > 1, ``best_start``): the initial phase (the n_init_iters
 iterations at r_init, on the same minibatches) runs from each of n_starts random starts, and the
-run continues from the start whose maps give a held-out batch the highest mean log evidence
+run continues from the start whose maps give a separate batch the highest mean log evidence
 log sum_k pi_k p(X | V_k) (poses marginalised, the initial noise model, temperature 1) on the
 r_init band. SGD from a random start converges to a wrong structure for some starts, and that is
 decided early: on a demo dataset (6 domains, 1-class schedule of the standard pipeline, 2,000
-particles) 2 of 5 starts ended at corr 0.47-0.50 with the truth, 3 at 0.87-0.88; the log evidence
-after the initial phase was -27.5 / -27.1 for the two and -26.6 / -26.5 / -25.9 for the three.
+particles) 2 of 5 single runs (seeds 0-4) ended at corr 0.47-0.50 with the truth, 3 at 0.87-0.88;
+after the initial phase the log evidence (each run on its own batch) was -27.1 / -27.5 for the
+two and -26.6 / -26.5 / -25.9 for the three. The first checkpoint follows the starts.
 """
 
 from __future__ import annotations
@@ -184,31 +185,33 @@ class AbInitio:
             self.vols[k] = v * np.float32(math.sqrt(0.5 * data_power / max(model_power, 1e-30)))
 
     def best_start(self, load: Loader,
-                   progress: Callable[[int, float], None] | None = None) -> tuple[int, np.ndarray]:
+                   progress: Callable[[int, float], None] | None = None) -> tuple[int, list[dict[str, Any]]]:
         """Runs the initial phase (iterations 0 .. n_init_iters - 1) from ``n_starts`` random starts
         (the first is ``initialise``'s) on the same minibatches and keeps the start whose maps
-        give the held-out batch the highest mean log evidence on the band r_init (module doc).
-        Call after ``initialise``; returns the last iteration done and the chosen start's class
-        fractions per iteration (n_init_iters, K). progress(start, score) after each start."""
+        give a separate batch the highest mean log evidence on the band r_init (module doc).
+        Call after ``initialise``; returns the last iteration done and the chosen start's
+        ``iterate`` metrics per iteration. progress(start, score) after each start."""
         s = self.s
-        held = self.batch_indices(1 << 29)
         low = Band(s.D, int(math.floor(s.r_init)))
-        X, C = load(held, low)
+        X, C = load(self.batch_indices(1 << 29), low)
+        X0, C0 = load(self.batch_indices(1 << 30), low)  # initialise's batch scales every start
         first = {k: v.copy() for k, v in self.state().items()}
-        best, best_state, best_fractions = -math.inf, first, np.zeros((0, s.n_classes))
+        best, best_state, best_metrics = -math.inf, first, []
         for m in range(s.n_starts):
             if m > 0:
-                self.load_state(first)
-                self._random_maps(np.random.default_rng([self.seed, 1 << 20, m]), X, C, low)
-            fractions = np.array([self.iterate(t, load)[2]["class_fractions"] for t in range(s.n_init_iters)])
+                self.load_state({k: v.copy() for k, v in first.items()})
+                self._random_maps(np.random.default_rng([self.seed, 1 << 20, m]), X0, C0, low)
+            metrics = [self.iterate(t, load)[2] for t in range(s.n_init_iters)]
             score = self.log_evidence(X, C, low)
+            if not math.isfinite(score):
+                raise ValueError(f"start {m + 1}: the log evidence is not finite ({score})")
             if progress is not None:
                 progress(m, score)
             if score > best:
-                best, best_fractions = score, fractions
+                best, best_metrics = score, metrics
                 best_state = {k: v.copy() for k, v in self.state().items()}
         self.load_state(best_state)
-        return s.n_init_iters - 1, best_fractions
+        return s.n_init_iters - 1, best_metrics
 
     def log_evidence(self, X: Any, C: Any, band: Band) -> float:
         """Mean over the particles X, C of log sum_k pi_k p(X | V_k) (poses marginalised, the

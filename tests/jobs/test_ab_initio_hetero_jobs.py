@@ -117,6 +117,11 @@ def test_ab_initio_several_starts(project) -> None:
     assert any("continuing from the start" in e.get("message", "") for e in events)
     with np.load(ctx.checkpoint_dir / "state.npz") as d:
         assert np.allclose(d["fractions"][: AB_PARAMS["num_init_iters"]].sum(axis=1), 1.0)
+    steps = sorted(e["iteration"] for e in events if e["event"] == "metric" and e["name"] == "resolution_A")
+    assert steps[0] == 0 and steps == sorted(set(steps))
+    events.clear()  # a rerun resumes after the starts: none is run again
+    AB.run(AB.params(**AB_PARAMS, num_particles=120, num_starts=3), {"particles": ps}, ctx)
+    assert not any(e.get("name") == "start_log_evidence" for e in events)
     with pytest.raises(JobInputError, match="num_init_iters"):
         AB.run(AB.params(**{**AB_PARAMS, "num_init_iters": 0}, num_starts=2), {"particles": ps},
                _ctx(root, "bad3", []))

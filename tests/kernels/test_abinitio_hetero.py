@@ -132,25 +132,42 @@ def test_gpu_expectation_parity_with_numpy(states: Set3D) -> None:
 
 
 def test_best_start_keeps_the_start_of_highest_evidence(homogeneous: Set3D) -> None:
-    """Three starts of the initial phase on the same minibatches: the scores differ, the engine
-    continues from the maximum (its log evidence on the held-out batch is that score) and the
-    first start is initialise's own (same maps as a single-start run after the initial phase)."""
+    """Three starts of the initial phase (momentum 0.5, so a start that inherited the previous
+    start's momentum would differ): the scores differ, the engine continues from the maximum (the
+    maps of that start, whose log evidence on the scoring batch is that score), the first start
+    is initialise's own and the last one is what a fresh engine gives from that start alone."""
     st = ab.Settings(n_classes=1, D=D, pixel_size=A, r_init=4, r_max=R_MAX, n_init_iters=3, radius_step=0.5,
-                     n_final_iters=1, batch_size=150, high_lr_iters=3, shift_extent_px=2.0, n_starts=3)
-    eng = ab.AbInitio(st, np, len(homogeneous.state), 0)
+                     n_final_iters=1, batch_size=150, high_lr_iters=3, shift_extent_px=2.0, momentum=0.5,
+                     n_starts=3)
+    n, low = len(homogeneous.state), Band(D, 4)
+    eng = ab.AbInitio(st, np, n, 0)
     eng.initialise(homogeneous.load)
+    initial = {k: v.copy() for k, v in eng.state().items()}
     scores: list[float] = []
-    done, fractions = eng.best_start(homogeneous.load, lambda m, score: scores.append(score))
-    low = Band(D, 4)
+    maps: list[np.ndarray] = []
+
+    def seen(m: int, score: float) -> None:
+        scores.append(score)
+        maps.append(eng.vols.copy())
+
+    done, metrics = eng.best_start(homogeneous.load, seen)
     X, C = homogeneous.load(eng.batch_indices(1 << 29), low)
     print(f"start scores {np.round(scores, 4)}")
-    assert done == 2 and fractions.shape == (3, 1) and len(scores) == 3 and len(set(scores)) == 3
+    assert done == 2 and len(metrics) == 3 and len(scores) == 3 and len(set(scores)) == 3
+    assert np.array_equal(eng.vols, maps[int(np.argmax(scores))])
     assert np.isclose(eng.log_evidence(X, C, low), max(scores))
-    one = ab.AbInitio(replace(st, n_starts=1), np, len(homogeneous.state), 0)
-    one.initialise(homogeneous.load)
-    for t in range(3):
-        one.iterate(t, homogeneous.load)
-    assert np.isclose(one.log_evidence(X, C, low), scores[0])
+
+    def alone(m: int) -> float:
+        e = ab.AbInitio(replace(st, n_starts=1), np, n, 0)
+        e.load_state({k: v.copy() for k, v in initial.items()})
+        if m:
+            X0, C0 = homogeneous.load(e.batch_indices(1 << 30), low)
+            e._random_maps(np.random.default_rng([0, 1 << 20, m]), X0, C0, low)
+        for t in range(3):
+            e.iterate(t, homogeneous.load)
+        return e.log_evidence(X, C, low)
+
+    assert np.isclose(alone(0), scores[0]) and np.isclose(alone(2), scores[2])
     with pytest.raises(ValueError, match="n_starts"):
         replace(st, n_init_iters=0)
 
