@@ -46,6 +46,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from scipy.special import logsumexp
 
 from kernels.backend import to_host
 from kernels.fourier import Band, lowpass
@@ -217,11 +218,10 @@ class AbInitio:
         """Mean over the particles X, C of log sum_k pi_k p(X | V_k) (poses marginalised, the
         initial noise model sigma2_0, temperature 1) on ``band``."""
         vfts = [prepare_volume(v) for v in self.vols]
-        e = expectation(X, C, self.sigma2_0, band, vfts, np.log(np.maximum(self.pi, 1e-300)),
+        log_pi = np.log(np.maximum(self.pi, 1e-300))
+        e = expectation(X, C, self.sigma2_0, band, vfts, log_pi,
                         plan_for(band.r_max, self.s.shift_extent_px, self.s.max_order), 1.0)
-        lse = e.lse + np.log(np.maximum(self.pi, 1e-300))[None]
-        top = lse.max(axis=1, keepdims=True)
-        return float(np.mean(top[:, 0] + np.log(np.exp(lse - top).sum(axis=1))))
+        return float(np.mean(logsumexp(e.lse + log_pi[None], axis=1)))
 
     def iterate(self, t: int, load: Loader) -> tuple[np.ndarray, EStep3D, dict[str, Any]]:
         """One SGD iteration; returns (batch indices, its E-step, metrics)."""

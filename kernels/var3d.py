@@ -410,7 +410,7 @@ class Var3D:
         lam, U = np.maximum(lam[order], 1e-30), U[:, order]
         Q = (xp.asarray(U.T) @ Q.reshape(K, -1).astype(xp.float64)).reshape(Q.shape).astype(xp.float32)
         self.t += 1
-        if self.t >= self.s.warm_iterations:  # end of the warm-up: the weakest extra components go
+        if self.t >= self.s.warm_iterations and n < K:  # end of the warm-up: the weakest extra components go
             Q, lam = Q[:n], lam[:n]
             self.z, self.z_std = self.z[:, :n], self.z_std[:, :n]
         cross = masked_gram(xp.concatenate([old[:n], Q[:n]]), self.mask)[:n, n:]
