@@ -89,7 +89,8 @@ def scale_column(tables: ParticleTables) -> np.ndarray:
     return a
 
 
-def _settings(params: Params, D: int, a: float, r_max: int) -> v3.Settings:
+def engine_settings(params: Params, D: int, a: float, r_max: int) -> v3.Settings:
+    """The engine's settings for the job's params at working box D (a Å/px, band r_max shells)."""
     if params.highpass_res_A is not None and params.filter_res_A is not None \
             and params.highpass_res_A <= params.filter_res_A:
         raise JobInputError(f"highpass_res_A {params.highpass_res_A} Å must be coarser than filter_res_A "
@@ -186,7 +187,7 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     consensus = maps_at(inputs.get("volumes"), ctx, D, a, "volumes")
     _warn_beyond_consensus(inputs.get("volumes"), max(D * a / r_max, params.filter_res_A or 0.0), ctx)
     mask = read_mask(inputs.get("mask"), ctx, D, a, "mask")
-    settings = _settings(params, D, a, r_max)
+    settings = engine_settings(params, D, a, r_max)
     xp = get_xp()
     eng = v3.Var3D(settings, xp, R, shifts, params.seed)
     src = WorkingSet(ps, tables, ctx, D, a, xp)

@@ -179,21 +179,35 @@ def inplane_matrices(psi_deg: Any) -> Any:
     return xp.stack([xp.stack([c, s], axis=-1), xp.stack([-s, c], axis=-1)], axis=-2)
 
 
-def errors_in_best_frame(R: np.ndarray, R_true: np.ndarray, inlier_deg: float = 15.0,
-                         n_candidates: int = 150, seed: int = 0) -> tuple[np.ndarray, bool]:
-    """Angular errors (N,) deg of poses R (N, 3, 3) from the true poses R_true (N, 3, 3) in the
-    frame of R: a reconstruction's frame and hand are arbitrary, so R_i ~ T_i G with T = R_true
+def best_frame(R: np.ndarray, R_true: np.ndarray, inlier_deg: float = 15.0,
+               n_candidates: int = 150, seed: int = 0) -> tuple[np.ndarray, bool]:
+    """The frame (G (3, 3), mirrored) of poses R (N, 3, 3) relative to the true poses R_true
+    (N, 3, 3): a reconstruction's frame and hand are arbitrary, so R_i ~ T_i G with T = R_true
     or, for the other hand, F R_true F (F = diag(1, 1, -1)). G starts from the candidate
     T_i^T R_i (of ``n_candidates`` random particles) with the most errors below ``inlier_deg``
-    and is then refined as the chordal mean over those inliers. Returns (errors, mirrored)."""
-    F = np.diag([1.0, 1.0, -1.0])
+    and is then refined as the chordal mean over those inliers."""
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(R), min(n_candidates, len(R)), replace=False)
-    hands = ((False, R_true), (True, F @ R_true @ F))
+    hands = ((False, R_true), (True, mirror_rotations(R_true)))
     candidates = [(T, T[i].T @ R[i], mirrored) for mirrored, T in hands for i in picks]
     T, G, mirrored = max(candidates, key=lambda c: float(np.mean(angular_distance_deg(R, c[0] @ c[1]) < inlier_deg)))
     for _ in range(3):
         inliers = angular_distance_deg(R, T @ G) < inlier_deg
         u, _, vt = np.linalg.svd(np.einsum("nji,njk->ik", T[inliers], R[inliers]))
         G = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
+    return G, mirrored
+
+
+def mirror_rotations(R: np.ndarray) -> np.ndarray:
+    """Poses (N, 3, 3) of the mirror-image map: F R F with F = diag(1, 1, -1)."""
+    F = np.diag([1.0, 1.0, -1.0])
+    return F @ R @ F
+
+
+def errors_in_best_frame(R: np.ndarray, R_true: np.ndarray, inlier_deg: float = 15.0,
+                         n_candidates: int = 150, seed: int = 0) -> tuple[np.ndarray, bool]:
+    """Angular errors (N,) deg of poses R (N, 3, 3) from the true poses R_true (N, 3, 3) in the
+    frame of R (``best_frame``). Returns (errors, mirrored)."""
+    G, mirrored = best_frame(R, R_true, inlier_deg, n_candidates, seed)
+    T = mirror_rotations(R_true) if mirrored else R_true
     return angular_distance_deg(R, T @ G), mirrored

@@ -56,6 +56,7 @@ class Truth:
     state: np.ndarray  # (N,) true state, -1 for junk
     t: np.ndarray  # (N,) flexible-domain coordinate in [-1, 1]
     R: np.ndarray  # (N, 3, 3) true poses
+    shift: np.ndarray  # (N, 2) true shifts, px of the data
     kind: np.ndarray  # (N,) 0 particle, 1 noise junk, 2 blob junk
     duplicate: np.ndarray  # (N,) bool: a duplicate pick
     codes: pd.Series  # pick code (micrograph, x, y) -> truth row
@@ -70,7 +71,8 @@ class Truth:
         codes = _codes(z["micrograph"], z["coordinates"][:, 0], z["coordinates"][:, 1])
         maps = [read_map(source / f"truth/volumes/state_{s:02d}.mrc", "truth map")
                 for s in range(len(info["state_counts"]))]
-        return Truth(state=z["state"], t=z["t"], R=z["matrices"], kind=z["kind"], duplicate=z["duplicate_of"] >= 0,
+        return Truth(state=z["state"], t=z["t"], R=z["matrices"], shift=z["shifts_px"], kind=z["kind"],
+                     duplicate=z["duplicate_of"] >= 0,
                      codes=pd.Series(np.arange(len(codes)), index=codes),
                      mics={Path(n).name: i for i, n in enumerate(names)}, maps=maps)
 

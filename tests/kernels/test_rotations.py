@@ -10,6 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from kernels.rotations import (
     angular_distance_deg,
+    best_frame,
     cryosparc_from_relion,
     errors_in_best_frame,
     euler_to_matrix,
@@ -134,7 +135,8 @@ def test_angular_distance_and_inplane() -> None:
 @pytest.mark.parametrize("mirrored", [False, True])
 def test_errors_in_best_frame(mirrored: bool) -> None:
     """Poses in an arbitrary frame (and hand) with a known 3° error and 10% random outliers:
-    the fitted frame gives back 3° for the inliers, the hand, and large errors for the outliers."""
+    the fitted frame gives back 3° for the inliers, the hand, and large errors for the outliers;
+    best_frame returns the frame itself."""
     rng = np.random.default_rng(3)
     n = 400
     R_true, G = random_rotations(n, rng), random_rotations(1, rng)[0]
@@ -149,3 +151,6 @@ def test_errors_in_best_frame(mirrored: bool) -> None:
     assert hand == mirrored
     assert np.allclose(err[~outliers], 3.0, atol=0.2)
     assert np.median(err[outliers]) > 30.0
+    fitted, hand = best_frame(R, R_true)
+    assert hand == mirrored
+    assert angular_distance_deg(fitted, G) < 0.5
