@@ -34,7 +34,10 @@ r_init band. SGD from a random start converges to a wrong structure for some sta
 decided early: on a demo dataset (6 domains, 1-class schedule of the standard pipeline, 2,000
 particles) 2 of 5 single runs (seeds 0-4) ended at corr 0.47-0.50 with the truth, 3 at 0.87-0.88;
 after the initial phase the log evidence (each run on its own batch) was -27.1 / -27.5 for the
-two and -26.6 / -26.5 / -25.9 for the three. The first checkpoint follows the starts.
+two and -26.6 / -26.5 / -25.9 for the three. The first checkpoint follows the starts. The
+evidence is not always that decisive: on another realization of the demo (seed 2) six single runs
+ended at corr 0.54-0.85 in an order the initial-phase evidence did not predict, and 3 starts
+chose one that ended at 0.630 where the first alone reached 0.768 (bench/RESULTS.md, session 18).
 """
 
 from __future__ import annotations
