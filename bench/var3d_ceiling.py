@@ -111,13 +111,19 @@ def main() -> None:
     ap.add_argument("--var3d", default="var3d", help="var_3d job name (its params are used)")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     args = ap.parse_args()
-    store = Store(args.project, create=False)
+    try:
+        store = Store(args.project, create=False)
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
     homo, var = store.latest_job_named(args.homo), store.latest_job_named(args.var3d)
     if homo is None or var is None:
         sys.exit(f"{args.project}: no finished jobs named {args.homo!r} and {args.var3d!r}")
     outs = {a.slot: Artifact.load(a.handle) for a in store.artifacts_of(homo.key)}
     ps = outs["particles"]
-    imports = [j for j in store.jobs() if j.type == "import_particles" and j.status == "done"]
+    imports = [j for j in store.jobs() if j.type == "import_particles" and j.status == "done"
+               and j.params.get("source") == "demo"]
+    if not imports:
+        sys.exit(f"{args.project}: no finished import_particles job with source 'demo' (the truth is needed)")
     truth = Truth.load(store.project_dir / imports[-1].directory / "demo_source")
     tables = read_tables(ps, store.project_dir)
     rows_t = truth.rows(tables.particles)
@@ -137,6 +143,9 @@ def main() -> None:
         for line in lines:
             print("  " + line)
         wanted = [r.strip() for r in args.rows.split(",") if r.strip()] or list(rows)
+        unknown = [r for r in wanted if r not in rows]
+        if unknown:
+            sys.exit(f"--rows: unknown {unknown}; rows are {list(rows)}")
         print("\n| poses | best |corr(latent, t)| | per state | wall (s) |\n|---|---|---|---|")
         for name in wanted:
             Rr, shr = rows[name]
