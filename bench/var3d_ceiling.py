@@ -10,8 +10,7 @@ The project is one that `make demo` (or `flow run` of a workflow on the `demo` d
   state frames aligned    each state's consensus rotations turned by the rotation between that
                           state's own best frame and the frame of all good particles, its shifts
                           moved by the difference of the two fitted centres: the consensus
-                          without its per-state frame turns and offsets (the best a refinement
-                          focused on a rigid core could give with these per-particle errors)
+                          without its per-state frame turns and offsets, per-particle errors kept
   true rotations          the true rotations in each state's own frame, consensus shifts
   true rotations + shifts the same with the true shifts (in the consensus frame)
   true poses              the true rotations in the frame of all good particles, true shifts
@@ -45,15 +44,14 @@ from jobs.working_set import WorkingSet, working_geometry  # noqa: E402
 from kernels import var3d as v3  # noqa: E402
 from kernels.backend import get_xp  # noqa: E402
 from kernels.rotations import angular_distance_deg, best_frame, mirror_rotations  # noqa: E402
-from orchestrator.demo_summary import Truth  # noqa: E402
+from orchestrator.demo_summary import Truth, latent_correlations  # noqa: E402
 from orchestrator.store import Store  # noqa: E402
 
 INLIER_DEG = 15.0
 
 
-def frame_of(R: np.ndarray, R_true: np.ndarray, mirrored: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(G (3, 3), errors (N,) deg) of poses R against R_true in the given hand."""
-    T = mirror_rotations(R_true) if mirrored else R_true
+def frame_of(R: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(G (3, 3), errors (N,) deg) of poses R against true poses T already in R's hand."""
     G, _ = best_frame(R, T)
     return G, angular_distance_deg(R, T @ G)
 
@@ -69,9 +67,9 @@ def pose_rows(R: np.ndarray, sh: np.ndarray, R_true: np.ndarray, sh_true: np.nda
     """The rows' (rotations (N, 3, 3), shifts (N, 2) px) and the per-state frame lines (module doc).
     state (N,): true state, -1 for junk (junk keeps its consensus pose in every row)."""
     good = state >= 0
-    _, mirrored = best_frame(R[good], R_true[good])
+    G, mirrored = best_frame(R[good], R_true[good])
     T = mirror_rotations(R_true) if mirrored else R_true
-    G, err = frame_of(R[good], R_true[good], mirrored)
+    err = angular_distance_deg(R[good], T[good] @ G)
     ok = np.flatnonzero(good)[err < INLIER_DEG]
     c = centre_of(R[ok], sh[ok] - sh_true[ok])
     true_sh = sh.copy()
@@ -81,7 +79,7 @@ def pose_rows(R: np.ndarray, sh: np.ndarray, R_true: np.ndarray, sh_true: np.nda
     lines = []
     for s in np.unique(state[good]):
         m = np.flatnonzero(state == s)
-        Gs, es = frame_of(R[m], R_true[m], mirrored)
+        Gs, es = frame_of(R[m], T[m])
         ms = m[es < INLIER_DEG]
         cs = centre_of(R[ms], sh[ms] - sh_true[ms])
         aligned_R[m] = R[m] @ Gs.T @ G
@@ -99,9 +97,9 @@ def pose_rows(R: np.ndarray, sh: np.ndarray, R_true: np.ndarray, sh_true: np.nda
 def latent_corr(z: np.ndarray, t: np.ndarray, state: np.ndarray) -> tuple[float, list[float]]:
     """Best |corr(z_k, t)| over the good particles and that latent's |corr| within each state."""
     good = state >= 0
-    corr = [abs(float(np.corrcoef(z[good, k], t[good])[0, 1])) for k in range(z.shape[1])]
+    corr = latent_correlations(z[good], t[good])
     k = int(np.argmax(corr))
-    return corr[k], [abs(float(np.corrcoef(z[state == s, k], t[state == s])[0, 1])) for s in np.unique(state[good])]
+    return corr[k], [latent_correlations(z[state == s, k : k + 1], t[state == s])[0] for s in np.unique(state[good])]
 
 
 def main() -> None:

@@ -161,12 +161,18 @@ def _ab_initio_map(job: Any, vs: VolumeSet, project: Path, rows: np.ndarray, tru
     return f"map: FSC to truth {res:.1f} Å (0.5; band limit {D * a / r:.1f} Å), aligned corr with truth {corr:.3f}"
 
 
+def latent_correlations(z: np.ndarray, t: np.ndarray) -> list[float]:
+    """|corr(z_k, t)| (K,) of latents z (N, K) with the true coordinate t (N,)."""
+    return [abs(float(np.corrcoef(z[:, k], t)[0, 1])) for k in range(z.shape[1])]
+
+
 def _latents(t: ParticleTables, rows: np.ndarray, truth: Truth) -> tuple[str, float]:
     """|corr(latent k, t)| over the good particles for every 3DVA component; the best of them."""
     p = t.particles
     good = truth.state[rows] >= 0
     names = sorted((c for c in p if c.startswith("cdagLatent") and c[10:].isdigit()), key=lambda c: int(c[10:]))
-    corr = [abs(float(np.corrcoef(p[c].to_numpy(float)[good], truth.t[rows][good])[0, 1])) for c in names]
+    z = np.stack([p[c].to_numpy(float) for c in names], axis=1)
+    corr = latent_correlations(z[good], truth.t[rows][good])
     best = int(np.argmax(corr))
     return f"|corr(latent k, t)| = {', '.join(f'{c:.3f}' for c in corr)} (best: latent {best + 1})", corr[best]
 
