@@ -152,17 +152,27 @@ def shell_pixels(band: Band, xp: Any) -> Any:
     return xp.bincount(band.on(xp, "shell"), weights=band.on(xp, "weight"), minlength=band.n_shells)
 
 
+def pixel_power(resid: Any, band: Band) -> Any:
+    """Residual power per shell (band.n_shells,) summed over images -> per real component
+    (the unit of sigma2), summed over the same images."""
+    xp = xp_of(resid)
+    return resid / (2 * xp.maximum(shell_pixels(band, xp), 1e-30))
+
+
+def shrink_noise(sigma2_0: Any, power: Any, n_images: Any) -> Any:
+    """(W0 sigma2_0 + power) / (W0 + n_images), W0 = NOISE_PRIOR_WEIGHT images (§1.6); power
+    per real component summed over n_images (``pixel_power``)."""
+    return (NOISE_PRIOR_WEIGHT * sigma2_0 + power) / (NOISE_PRIOR_WEIGHT + n_images)
+
+
 def update_noise(sigma2: Any, sigma2_0: Any, resid: Any, band: Band, n_images: float) -> Any:
-    """Shrinkage update (§1.6): shells of the band get (W0 sigma2_0 + resid / (2 npix)) /
-    (W0 + n_images), W0 = NOISE_PRIOR_WEIGHT; other shells keep sigma2."""
+    """Shrinkage update (§1.6) from one set of n_images residuals: shells of the band get
+    ``shrink_noise``; other shells keep sigma2."""
     xp = xp_of(sigma2)
     out = xp.asarray(sigma2, dtype=xp.float64).copy()
-    npix = shell_pixels(band, xp)
     n = min(out.shape[0], band.n_shells)
-    has = npix[:n] > 0
-    new = (NOISE_PRIOR_WEIGHT * sigma2_0[:n] + resid[:n] / (2 * xp.maximum(npix[:n], 1e-30))) \
-        / (NOISE_PRIOR_WEIGHT + n_images)
-    out[:n] = xp.where(has, new, out[:n])
+    has = shell_pixels(band, xp)[:n] > 0
+    out[:n] = xp.where(has, shrink_noise(sigma2_0[:n], pixel_power(resid, band)[:n], n_images), out[:n])
     return out
 
 
