@@ -22,10 +22,11 @@ r_max. On a random minibatch of B of the N particles:
            minibatches with decay ``noise_decay`` per iteration (a window of ~10 batches at
            0.9), so the initial estimate sigma2_0, which holds the signal power too, keeps the
            weight of 50 images against all of them. With one batch per update (as before) it
-           kept 50 / (50 + B) = 25% at B = 150, and at the end of a 3-class run on three
-           structures the noise at shells 0-2 was still 8.5 / 3.0 / 2.5 x the true noise: the
-           low shells, where the classes differ most, were down-weighted (from the true maps at
-           48 Å, the final ARI rose from 0.66 to 0.78 with the decayed sums; bench/RESULTS.md).
+           kept 50 / (50 + B) = 25% at B = 150: at the end of a 3-class run on three distinct
+           structures (started from their true maps at 48 Å) the noise at shells 1-3 was still
+           3.2 / 2.7 / 2.1 x the true noise, so the low shells, where the classes differ most,
+           were down-weighted; with the decayed sums the final ARI of that run rose from 0.66
+           to 0.77 (bench/RESULTS.md, session 19).
 
 With a point group (``symmetry``, Cn or Dn) every minibatch accumulator is symmetrised
 before the update. Classes whose prior falls below 0.2 / K after the similarity phase are re-seeded from the
