@@ -334,4 +334,6 @@ class AbInitio:
         self.vols, self.delta = xp.asarray(d["vols"]), xp.asarray(d["delta"])
         self.pi = np.asarray(d["pi"], dtype=np.float64)
         self.sigma2, self.sigma2_0 = xp.asarray(d["sigma2"]), xp.asarray(d["sigma2_0"])
-        self.noise_power, self.noise_images = xp.asarray(d["noise_power"]), xp.asarray(d["noise_images"])
+        empty = np.zeros(self.s.D // 2)  # a checkpoint from before the decayed noise sums
+        self.noise_power = xp.asarray(d.get("noise_power", empty))
+        self.noise_images = xp.asarray(d.get("noise_images", empty))
