@@ -29,9 +29,9 @@ r_max. On a random minibatch of B of the N particles:
            to 0.77 (bench/RESULTS.md, session 19).
 
 Several classes separate slowly, at the full band: on two different structures (D 24, 2 x 300)
-K = 2 reached ARI 0.88 with 30 + 8 + 30 iterations and stayed at 0.06 with 10 + 8 + 10; not
-every start separates (0.19 for another seed), and three structures, two of them alike, did not
-separate (ARI 0.17-0.30; bench/RESULTS.md, session 19).
+K = 2 with 30 + 8 + 30 iterations reached ARI 0.88 / 0.19 / 0.75 / 0.72 / 0.59 for five seeds
+(0.06 for the first with 10 + 8 + 10), and three structures, two of them alike, did not separate
+(ARI 0.17-0.30; bench/RESULTS.md, session 19).
 
 With a point group (``symmetry``, Cn or Dn) every minibatch accumulator is symmetrised
 before the update. Classes whose prior falls below 0.2 / K after the similarity phase are re-seeded from the
