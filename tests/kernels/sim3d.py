@@ -70,8 +70,7 @@ def simulate(counts: list[int], *, D: int = 32, pixel_size: float = 6.0, snr: fl
     states = states[: len(counts)]
     n = int(sum(counts))
     state = rng.permutation(np.repeat(np.arange(len(counts)), counts))
-    R = random_rotations(n, rng)
-    shift = np.clip(rng.normal(0, shift_sd, (n, 2)), -3 * shift_sd, 3 * shift_sd)
+    R, shift = _poses(n, shift_sd, rng)
     atoms = particle_atoms(ph, states, state, np.zeros(n))
     signal, defocus, _, noise_var = _observe(project_atoms(atoms, R, shift, D), pixel_size, snr, rng)
     sc = np.ones(n) if scale is None else np.random.default_rng([seed, 1]).choice(np.asarray(scale, float), n)
@@ -87,22 +86,24 @@ def simulate_structures(counts: list[int], *, n_domains: tuple[int, ...] = (4, 2
     maps superposed at best (rotation, shift, hand) correlate 0.82 (4 vs 2 domains), 0.83 (4 vs 3)
     and 0.92 (2 vs 3) at 20 Å. Poses, shifts (s.d. 1 px), CTF and noise as ``simulate``."""
     rng = np.random.default_rng(seed)
-    structures = [make_phantom(D, rng, n_atoms=160, n_domains=d, radius_frac=0.36).atoms
-                  for d in n_domains[: len(counts)]]
+    structures = [make_phantom(D, rng, n_atoms=160, n_domains=d, radius_frac=0.36) for d in n_domains[: len(counts)]]
     n = int(sum(counts))
     state = rng.permutation(np.repeat(np.arange(len(counts)), counts))
-    R = random_rotations(n, rng)
-    shift = np.clip(rng.normal(0, 1.0, (n, 2)), -3.0, 3.0)
+    R, shift = _poses(n, 1.0, rng)
     clean = np.zeros((n, D, D))
-    for k, a in enumerate(structures):
+    for k, ph in enumerate(structures):
         i = np.flatnonzero(state == k)
-        each = (i.size, *a.amplitudes.shape)
-        clean[i] = project_atoms(Atoms(np.broadcast_to(a.positions, (*each, 3)), a.sigmas,
-                                       np.broadcast_to(a.amplitudes, each)), R[i], shift[i], D)
+        atoms = particle_atoms(ph, [base_state(ph)], np.zeros(i.size, np.int64), np.zeros(i.size))
+        clean[i] = project_atoms(atoms, R[i], shift[i], D)
     signal, defocus, _, noise_var = _observe(clean, pixel_size, snr, rng)
     images = (signal + rng.normal(0, np.sqrt(noise_var), signal.shape)).astype(np.float32)
-    maps = np.stack([render_volume(a, D) for a in structures])
+    maps = np.stack([render_volume(ph.atoms, D) for ph in structures])
     return Set3D(images, state, R, shift, defocus, maps, pixel_size, noise_var, np.ones(n))
+
+
+def _poses(n: int, shift_sd: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform random rotations (n, 3, 3) and Gaussian shifts (n, 2) px clipped at 3 s.d."""
+    return random_rotations(n, rng), np.clip(rng.normal(0, shift_sd, (n, 2)), -3 * shift_sd, 3 * shift_sd)
 
 
 def _observe(clean: np.ndarray, pixel_size: float, snr: float,
@@ -145,8 +146,7 @@ def simulate_linear(n: int, *, D: int = 32, pixel_size: float = 6.0, snr: float 
     rng = np.random.default_rng(seed)
     ph = make_phantom(D, rng, n_atoms=n_atoms, n_domains=4, radius_frac=0.36)
     t = rng.uniform(-1.0, 1.0, n)
-    R = random_rotations(n, rng)
-    shift = np.clip(rng.normal(0, shift_sd, (n, 2)), -3 * shift_sd, 3 * shift_sd)
+    R, shift = _poses(n, shift_sd, rng)
 
     def atoms(tt: np.ndarray) -> Atoms:
         a = ph.atoms
