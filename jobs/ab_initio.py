@@ -5,7 +5,9 @@ at `max_res_A`; the schedule runs `num_init_iters` at `init_res_A`, raises the F
 by `radius_step` shells per iteration up to `max_res_A`, then `num_final_iters` more.
 `num_particles` draws a random subset (seeded) for large datasets; only the subset is used
 and output. `num_starts` > 1 runs the initial iterations from that many random starts and
-continues from the one of highest log evidence on a separate batch (kernels/abinitio.py).
+continues from the one of highest log evidence on a separate batch, or, with `start_choice`
+final, runs the whole schedule from each start and keeps the one of highest log evidence at the
+full band (kernels/abinitio.py); the checkpoint holds the finished starts.
 After the last iteration every used particle gets one E-step (class, 3D pose).
 
 The hand: ab-initio cannot tell a map from its mirror image, and each class is initialised
@@ -21,7 +23,8 @@ cdagClassESS). Checkpoints every `checkpoint_every` iterations; a rerun resumes.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -59,8 +62,10 @@ class Params(JobParams):
     learning_rate_final: float = Field(0.15, gt=0, le=1, description="Learning rate after the high-rate phase")
     high_lr_iters: int = Field(30, ge=0, description="Iterations at the initial learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
-    num_starts: int = Field(1, ge=1, le=20, description="Random starts of the initial phase; the run continues "
-                                                        "from the one of highest log evidence")
+    num_starts: int = Field(1, ge=1, le=20, description="Random starts; the run keeps the one of highest log evidence")
+    start_choice: Literal["initial", "final"] = Field(
+        "initial", description="Compare the starts after the initial iterations (continuing from the best) or "
+                               "after the whole schedule (num_starts full runs)")
     class_similarity: float = Field(0.1, ge=0, le=1, description="Class similarity (annealed to 0)")
     class_similarity_end: int = Field(40, ge=0, description="Iteration where class similarity reaches 0")
     initial_sigma_scale: float = Field(2.0, ge=1, description="Initial noise scale (annealed to 1)")
@@ -79,22 +84,56 @@ def _subset(n: int, params: Params) -> np.ndarray:
     return np.sort(np.random.default_rng([params.seed, 7]).choice(n, params.num_particles, replace=False))
 
 
-def _resume(ctx: JobContext, eng: ab.AbInitio) -> int:
+@dataclass
+class _Progress:
+    """Where a run stands: the last iteration done of start ``start`` (-1: not begun), that
+    start's class fractions per iteration (iterations, K), and the final states of the starts
+    before it (``start_choice`` final; each with its "fractions")."""
+
+    done: int
+    start: int
+    fractions: np.ndarray
+    finals: list[dict[str, np.ndarray]]
+
+
+def _resume(ctx: JobContext, eng: ab.AbInitio, total: int) -> _Progress:
     path = ctx.checkpoint_dir / STATE_FILE
     if not path.is_file():
-        return -1
+        return _Progress(-1, 0, np.zeros((total, eng.s.n_classes)), [])
     with np.load(path) as d:
         state = {k: d[k] for k in d.files}
     eng.load_state(state)
-    ctx.log.info(f"resuming after iteration {int(state['done'])} from {path.name}")
-    return int(state["done"])
+    start = int(state.get("start", 0))
+    finals = [{k.split("_", 1)[1]: v for k, v in state.items() if k.startswith(f"final{j}_")} for j in range(start)]
+    ctx.log.info(f"resuming start {start + 1} after iteration {int(state['done'])} from {path.name}")
+    return _Progress(int(state["done"]), start, state["fractions"], finals)
 
 
-def _save(ctx: JobContext, eng: ab.AbInitio, done: int, fractions: np.ndarray) -> None:
+def _save(ctx: JobContext, eng: ab.AbInitio, at: _Progress) -> None:
     path = ctx.checkpoint_dir / STATE_FILE
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **eng.state(), done=np.asarray(done), fractions=fractions)
+    finals = {f"final{j}_{k}": v for j, f in enumerate(at.finals) for k, v in f.items()}
+    np.savez(tmp, **eng.state(), **finals, done=np.asarray(at.done), start=np.asarray(at.start),
+             fractions=at.fractions)
     tmp.replace(path)
+
+
+def _best_start(ctx: JobContext, eng: ab.AbInitio, load: ab.Loader, fractions: np.ndarray) -> int:
+    """The initial phase from ``num_starts`` starts (``AbInitio.best_start``), logged; fills the
+    chosen start's class fractions and returns the last iteration done."""
+
+    def started(m: int, score: float) -> None:
+        ctx.check_cancelled()
+        ctx.log.info(f"start {m + 1}: mean log evidence {score:.3f} after {eng.s.n_init_iters} iterations")
+        ctx.metric("start_log_evidence", score, m)
+        ctx.progress("starts", m + 1, eng.s.n_starts)
+
+    done, start_metrics = eng.best_start(load, started)
+    for t, m in enumerate(start_metrics):
+        fractions[t] = m["class_fractions"]
+        _metrics(ctx, m, t)
+    ctx.log.info("continuing from the start of highest log evidence")
+    return done
 
 
 def _metrics(ctx: JobContext, m: dict[str, Any], t: int) -> None:
@@ -141,7 +180,7 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     K = params.num_classes
     if used.size < max(2 * K, params.batch_size // 4):
         raise JobInputError(f"{used.size} particles are too few for {K} classes")
-    if params.num_starts > 1 and params.num_init_iters < 1:
+    if params.num_starts > 1 and params.start_choice == "initial" and params.num_init_iters < 1:
         raise JobInputError(f"num_starts {params.num_starts} needs num_init_iters >= 1 (the starts are compared "
                             f"after the initial iterations)")
     if params.init_res_A <= params.max_res_A:
@@ -160,6 +199,7 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
         nonneg=params.enforce_nonneg, recentre=params.center_structures,
         window_radius_px=None if params.mask_diameter_A is None else params.mask_diameter_A / (2 * a),
         shift_extent_px=shift, symmetry=params.symmetry, n_starts=params.num_starts,
+        start_choice=params.start_choice,
     )
     xp = get_xp()
     eng = ab.AbInitio(settings, xp, used.size, params.seed)
@@ -171,35 +211,36 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     total = settings.n_iterations
     ctx.log.info(f"{used.size} particles, box {ps.box} -> {D} px ({a:.3g} Å/px), radius {r_init:.1f} -> "
                  f"{r_max} shells, {K} classes, {total} iterations, backend {ctx.backend}")
-    done = _resume(ctx, eng)
-    fractions = np.zeros((total, K))
-    if done < 0:
-        eng.initialise(load)
-        if settings.n_starts > 1:
-
-            def started(m: int, score: float) -> None:
-                ctx.check_cancelled()
-                ctx.log.info(f"start {m + 1}: mean log evidence {score:.3f} after {params.num_init_iters} iterations")
-                ctx.metric("start_log_evidence", score, m)
-                ctx.progress("starts", m + 1, settings.n_starts)
-
-            done, start_metrics = eng.best_start(load, started)
-            for t, m in enumerate(start_metrics):
-                fractions[t] = m["class_fractions"]
-                _metrics(ctx, m, t)
-            ctx.log.info("continuing from the start of highest log evidence")
-            _save(ctx, eng, done, fractions)
-    else:
-        with np.load(ctx.checkpoint_dir / STATE_FILE) as d:
-            fractions = d["fractions"]
-    for t in range(done + 1, total):
-        ctx.check_cancelled()
-        _, _, m = eng.iterate(t, load)
-        fractions[t] = m["class_fractions"]
-        _metrics(ctx, m, t)
-        ctx.progress("iterations", t + 1, total)
-        if (t + 1) % params.checkpoint_every == 0 or t + 1 == total:
-            _save(ctx, eng, t, fractions)
+    at = _resume(ctx, eng, total)
+    runs = settings.n_starts if settings.start_choice == "final" else 1
+    for m in range(at.start, runs):
+        if at.done < 0:
+            eng.initialise(load, m)
+            if runs == 1 and settings.n_starts > 1:
+                at.done = _best_start(ctx, eng, load, at.fractions)
+                _save(ctx, eng, at)
+        for t in range(at.done + 1, total):
+            ctx.check_cancelled()
+            _, _, metrics = eng.iterate(t, load)
+            at.fractions[t] = metrics["class_fractions"]
+            _metrics(ctx, metrics, m * total + t)
+            ctx.progress("iterations", m * total + t + 1, runs * total)
+            at.done = t
+            if (t + 1) % params.checkpoint_every == 0 and t + 1 < total:
+                _save(ctx, eng, at)
+        if runs > 1:
+            at.finals.append({**eng.state(), "fractions": at.fractions})
+            ctx.log.info(f"start {m + 1} of {runs}: {total} iterations done")
+            at = _Progress(-1, m + 1, np.zeros_like(at.fractions), at.finals)
+        _save(ctx, eng, at)
+    fractions = at.fractions
+    if runs > 1:
+        best, scores = eng.best_final(at.finals, load)
+        for m, score in enumerate(scores):
+            ctx.log.info(f"start {m + 1}: mean log evidence {score:.3f} after the whole schedule")
+            ctx.metric("start_log_evidence", score, m)
+        ctx.log.info(f"keeping start {best + 1}, the one of highest log evidence")
+        fractions = at.finals[best]["fractions"]
     parts = _assign(eng, src, used, params.chunk_size, ctx)
     particles = _particles_out(ctx, tables, ps, used, parts, a)
     maps = [fourier_pad(to_host(v), ps.box, ndim=3) if ps.box > D else to_host(v) for v in eng.vols]

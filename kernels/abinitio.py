@@ -51,6 +51,16 @@ two and -26.6 / -26.5 / -25.9 for the three. The first checkpoint follows the st
 evidence is not always that decisive: on another realization of the demo (seed 2) six single runs
 ended at corr 0.54-0.85 in an order the initial-phase evidence did not predict, and 3 starts
 chose one that ended at 0.630 where the first alone reached 0.768 (bench/RESULTS.md, session 18).
+
+``start_choice="final"`` (``best_final``) runs every start through the whole schedule instead and
+keeps the one whose final maps give a separate batch the highest mean log evidence at the final
+band under one noise model (the mean of the starts' final sigma2), so that no start is favoured
+by its own noise estimate. It costs n_starts whole runs. On 2 classes of two structures
+(5 engine seeds x 3 starts, 30 + 8 + 30) it kept the start of highest ARI in 4 of 5 seeds and
+one 0.006 below the highest in the fifth (kept ARIs 0.883, 0.804, 0.751, 0.792, 0.639; the first
+start alone 0.883, 0.186, 0.751, 0.722, 0.587); on the seed-2 demo (1 class, 3 starts) it kept
+0.721 of 0.754 / 0.721 / 0.628 with one job seed and 0.755 of 0.516 / 0.754 / 0.755 with another
+(bench/RESULTS.md, session 20).
 """
 
 from __future__ import annotations
@@ -116,12 +126,15 @@ class Settings:
     max_order: int = 4
     symmetry: str = "C1"
     n_starts: int = 1
+    start_choice: str = "initial"
     noise_decay: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.n_starts < 1 or (self.n_starts > 1 and self.n_init_iters < 1):
-            raise ValueError(f"n_starts {self.n_starts} needs n_starts >= 1 and, above 1, initial iterations "
-                             f"to compare (n_init_iters {self.n_init_iters})")
+        if self.start_choice not in ("initial", "final"):
+            raise ValueError(f"start_choice {self.start_choice!r} is not 'initial' or 'final'")
+        if self.n_starts < 1 or (self.n_starts > 1 and self.start_choice == "initial" and self.n_init_iters < 1):
+            raise ValueError(f"n_starts {self.n_starts} needs n_starts >= 1 and, above 1 with the initial choice, "
+                             f"initial iterations to compare (n_init_iters {self.n_init_iters})")
 
     @property
     def n_anneal_iters(self) -> int:
@@ -181,14 +194,19 @@ class AbInitio:
         B = min(self.s.batch_size, self.N)
         return np.sort(np.random.default_rng([self.seed, t]).choice(self.N, B, replace=False))
 
-    def initialise(self, load: Loader) -> None:
-        """Noise model from a batch on the full band and random initial maps (module doc)."""
+    def initialise(self, load: Loader, start: int = 0) -> None:
+        """Noise model from a batch on the full band and start ``start``'s random initial maps
+        (module doc); resets the momentum, class priors and noise sums, so every start begins
+        from the same state but its maps."""
         s, xp = self.s, self.xp
         band = Band(s.D, s.r_max)
         X, C = load(self.batch_indices(1 << 30), band)
+        self.delta = xp.zeros_like(self.vols)
+        self.pi = np.full(s.n_classes, 1.0 / s.n_classes)
+        self.noise_power, self.noise_images = xp.zeros(s.D // 2), xp.zeros(s.D // 2)
         self.sigma2_0 = initial_noise(X, band, s.D)
         self.sigma2 = self.sigma2_0.copy()
-        rng = np.random.default_rng([self.seed, 1 << 20])
+        rng = np.random.default_rng([self.seed, 1 << 20] + ([start] if start else []))
         low = Band(s.D, s.r_init)
         cols = np.searchsorted(band.idx, low.idx)
         Xl, Cl = X[:, xp.asarray(cols)], C[:, xp.asarray(cols)]
@@ -209,20 +227,17 @@ class AbInitio:
     def best_start(self, load: Loader,
                    progress: Callable[[int, float], None] | None = None) -> tuple[int, list[dict[str, Any]]]:
         """Runs the initial phase (iterations 0 .. n_init_iters - 1) from ``n_starts`` random starts
-        (the first is ``initialise``'s) on the same minibatches and keeps the start whose maps
-        give a separate batch the highest mean log evidence on the band r_init (module doc).
-        Call after ``initialise``; returns the last iteration done and the chosen start's
-        ``iterate`` metrics per iteration. progress(start, score) after each start."""
+        (``initialise(load, m)``) on the same minibatches and keeps the start whose maps give a
+        separate batch the highest mean log evidence on the band r_init (module doc). Call after
+        ``initialise``; returns the last iteration done and the chosen start's ``iterate``
+        metrics per iteration. progress(start, score) after each start."""
         s = self.s
         low = Band(s.D, int(math.floor(s.r_init)))
         X, C = load(self.batch_indices(1 << 29), low)
-        X0, C0 = load(self.batch_indices(1 << 30), low)  # initialise's batch scales every start
-        first = {k: v.copy() for k, v in self.state().items()}
-        best, best_state, best_metrics = -math.inf, first, []
+        best, best_state, best_metrics = -math.inf, self.state(), []
         for m in range(s.n_starts):
             if m > 0:
-                self.load_state({k: v.copy() for k, v in first.items()})
-                self._random_maps(np.random.default_rng([self.seed, 1 << 20, m]), X0, C0, low)
+                self.initialise(load, m)
             metrics = [self.iterate(t, load)[2] for t in range(s.n_init_iters)]
             score = self.log_evidence(X, C, low)
             if not math.isfinite(score):
@@ -235,12 +250,30 @@ class AbInitio:
         self.load_state(best_state)
         return s.n_init_iters - 1, best_metrics
 
-    def log_evidence(self, X: Any, C: Any, band: Band) -> float:
+    def best_final(self, finals: list[dict[str, np.ndarray]], load: Loader) -> tuple[int, list[float]]:
+        """Loads, of the final states ``finals`` of whole runs from several starts, the one whose
+        maps give a separate batch the highest mean log evidence on the full band under one noise
+        model for all: the mean of their final sigma2 (module doc). Returns its index and the
+        scores."""
+        band = Band(self.s.D, int(math.floor(self.s.r_max)))
+        X, C = load(self.batch_indices(1 << 29), band)
+        common = self.xp.mean(self.xp.stack([self.xp.asarray(f["sigma2"]) for f in finals]), axis=0)
+        scores = []
+        for m, final in enumerate(finals):
+            self.load_state(final)
+            scores.append(self.log_evidence(X, C, band, common))
+            if not math.isfinite(scores[-1]):
+                raise ValueError(f"start {m + 1}: the log evidence is not finite ({scores[-1]})")
+        best = int(np.argmax(scores))
+        self.load_state(finals[best])
+        return best, scores
+
+    def log_evidence(self, X: Any, C: Any, band: Band, sigma2: Any = None) -> float:
         """Mean over the particles X, C of log sum_k pi_k p(X | V_k) (poses marginalised, the
-        initial noise model sigma2_0, temperature 1) on ``band``."""
+        noise model ``sigma2``, by default the initial sigma2_0, temperature 1) on ``band``."""
         vfts = [prepare_volume(v) for v in self.vols]
         log_pi = np.log(np.maximum(self.pi, 1e-300))
-        e = expectation(X, C, self.sigma2_0, band, vfts, log_pi,
+        e = expectation(X, C, self.sigma2_0 if sigma2 is None else sigma2, band, vfts, log_pi,
                         plan_for(band.r_max, self.s.shift_extent_px, self.s.max_order), 1.0)
         return float(np.mean(logsumexp(e.lse + log_pi[None], axis=1)))
 

@@ -16,7 +16,7 @@ import starfile
 from jobs import registry
 from jobs.ab_initio import JOB as AB
 from jobs.context import JobContext
-from jobs.errors import JobInputError
+from jobs.errors import JobCancelled, JobInputError
 from jobs.hetero_refine import JOB as HET
 from jobs.io.star import ParticleTables
 from jobs.particles import write_particle_set
@@ -103,6 +103,42 @@ def test_ab_initio_rejects_bad_params(project) -> None:
         AB.run(AB.params(max_res_A=40.0, init_res_A=30.0), {"particles": ps}, _ctx(root, "bad2", []))
     with pytest.raises(ValueError, match="symmetry"):
         AB.params(symmetry="I2")
+
+
+def test_ab_initio_final_start_choice(project) -> None:
+    """start_choice final: each of 2 starts runs the whole schedule, both are scored after it and
+    the output is the better one's; a run cancelled inside the second start resumes there (the
+    first start's final state comes from the checkpoint) and ends with the same maps."""
+    root, ps = project
+    params = AB.params(**AB_PARAMS, num_particles=120, num_starts=2, start_choice="final")
+    events: list[dict] = []
+    ctx = _ctx(root, "abinit_final", events)
+    out = AB.run(params, {"particles": ps}, ctx)
+    scores = [e["value"] for e in events if e["event"] == "metric" and e["name"] == "start_log_evidence"]
+    assert len(scores) == 2 and np.isfinite(scores).all() and scores[0] != scores[1]
+    assert any(f"keeping start {int(np.argmax(scores)) + 1}" in e.get("message", "") for e in events)
+    steps = [e["iteration"] for e in events if e["event"] == "metric" and e["name"] == "resolution_A"]
+    total = len(steps) // 2
+    assert steps == list(range(2 * total))
+
+    cancel = root / "jobs/.tmp/abinit_cut/CANCEL"
+
+    class CancelInStart2(list):
+        def append(self, e: dict) -> None:
+            super().append(e)
+            if e["event"] == "metric" and e["name"] == "resolution_A" and e["iteration"] == total + 1:
+                cancel.touch()
+
+    with pytest.raises(JobCancelled):
+        AB.run(params, {"particles": ps}, _ctx(root, "abinit_cut", CancelInStart2()))
+    cancel.unlink()
+    log: list[dict] = []
+    again = AB.run(params, {"particles": ps}, _ctx(root, "abinit_cut", log))
+    assert any("resuming start 2 after iteration 1" in e.get("message", "") for e in log)
+    for a, b in zip(out["volumes"].volumes, again["volumes"].volumes, strict=True):
+        with mrcfile.open(root / a.map.replace("jobs/", "jobs/.tmp/")) as ma, \
+                mrcfile.open(root / b.map.replace("jobs/", "jobs/.tmp/")) as mb:
+            assert np.array_equal(ma.data, mb.data)
 
 
 def test_ab_initio_several_starts(project) -> None:

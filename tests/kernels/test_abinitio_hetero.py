@@ -196,10 +196,9 @@ def test_best_start_keeps_the_start_of_highest_evidence(homogeneous: Set3D) -> N
 
     def alone(m: int) -> float:
         e = ab.AbInitio(replace(st, n_starts=1), np, n, 0)
-        e.load_state({k: v.copy() for k, v in initial.items()})
-        if m:
-            X0, C0 = homogeneous.load(e.batch_indices(1 << 30), low)
-            e._random_maps(np.random.default_rng([0, 1 << 20, m]), X0, C0, low)
+        e.initialise(homogeneous.load, m)
+        if m == 0:
+            assert all(np.array_equal(v, initial[k]) for k, v in e.state().items())
         for t in range(3):
             e.iterate(t, homogeneous.load)
         return e.log_evidence(X, C, low)
@@ -207,6 +206,28 @@ def test_best_start_keeps_the_start_of_highest_evidence(homogeneous: Set3D) -> N
     assert np.isclose(alone(0), scores[0]) and np.isclose(alone(2), scores[2])
     with pytest.raises(ValueError, match="n_starts"):
         replace(st, n_init_iters=0)
+
+
+def test_best_final_scores_whole_runs_under_one_noise_model(homogeneous: Set3D) -> None:
+    """best_final keeps, of several final states, the one of highest log evidence under the mean
+    of their noise models: here a random start (its noise the data's power) and the true map
+    (the true noise); the engine ends with the chosen state."""
+    st = ab.Settings(n_classes=1, D=D, pixel_size=A, r_init=4, r_max=R_MAX, shift_extent_px=2.0, n_starts=2,
+                     start_choice="final")
+    eng = ab.AbInitio(st, np, len(homogeneous.state), 0)
+    eng.initialise(homogeneous.load)
+    random_start = {k: v.copy() for k, v in eng.state().items()}
+    truth = {**random_start, "vols": homogeneous.maps[:1].astype(np.float32),
+             "sigma2": np.full(D // 2, D * D * homogeneous.noise_var / 2)}
+    best, scores = eng.best_final([random_start, truth], homogeneous.load)
+    print(f"final scores {np.round(scores, 3)}")
+    assert best == 1 and scores[1] > scores[0] and np.array_equal(eng.vols, truth["vols"])
+    band = Band(D, R_MAX)
+    X, C = homogeneous.load(eng.batch_indices(1 << 29), band)
+    common = (random_start["sigma2"] + truth["sigma2"]) / 2
+    assert np.isclose(eng.log_evidence(X, C, band, common), scores[1])
+    with pytest.raises(ValueError, match="start_choice"):
+        replace(st, start_choice="last")
 
 
 def test_abinitio_recentres_all_classes_by_one_shift(states: Set3D) -> None:
