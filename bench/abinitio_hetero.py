@@ -15,6 +15,15 @@ written once each as a ParticleSet (RELION 3.1 STAR + MRC stack):
       3D classification with global alignment (`relion_refine --ref refs.star --K 3`).
       Accuracy: ARI of the classes against the true states; median pose error (deg) against
       the true poses (cryodag: pose in the best class; RELION: rlnAngleRot/Tilt/Psi).
+  (3) the two together, K = 3, on the 3-state set of (2): cryodag ab-initio with 3 classes
+      (random starts, --ab3-starts whole runs kept by their final log evidence,
+      start_choice "final") and hetero refinement from its maps, vs `relion_refine
+      --denovo_3dref --sgd --K 3` and RELION 3D classification from its maps (both hetero jobs as
+      in (2), start maps low-passed to --init-res Å). Accuracy: the ab-initio ARI (one E-step of all
+      particles with the final maps), each class map's best corr with a true state map, and the
+      hetero ARI and pose error. Pose errors of (2) and (3) are measured per class in that class's
+      best frame and hand (kernels/rotations.errors_in_best_frame): maps from ab-initio have
+      their own.
 cryodag runs in-process on the NumPy backend (or CuPy) reading the same normalised images;
 wall times cover the refinement only (RELION: the whole process). "particle-images" counts
 the images each method put through an E-step (cryodag: batches; RELION SGD: its subsets,
@@ -59,7 +68,7 @@ from kernels.backend import to_device, to_host  # noqa: E402
 from kernels.clustering import adjusted_rand_index as ari  # noqa: E402
 from kernels.fourier import Band, lowpass  # noqa: E402
 from kernels.fsc import fsc  # noqa: E402
-from kernels.rotations import angular_distance_deg, euler_to_matrix  # noqa: E402
+from kernels.rotations import errors_in_best_frame, euler_to_matrix  # noqa: E402
 from kernels.volume_align import align_volume  # noqa: E402
 
 Row = tuple[str, str, str, int, float, str, str, str, str]  # task, method, iters, images, wall, corr, FSC, ARI, pose
@@ -143,8 +152,7 @@ def abinitio_rows(args: argparse.Namespace, root: Path, s: Set3D, ps: ParticleSe
         "--sgd_fin_resol", f"{D * A / r:g}", "--sgd_write_iter", str(ini + mid + fin)]
     wall = run_relion(cmd, root, root / "relion_ab")
     last = sorted((root / "relion_ab").glob("run_it*_class001.mrc"))[-1]
-    with mrcfile.open(last, permissive=True) as m:
-        vol = np.asarray(m.data, dtype=np.float32)
+    vol = read_maps([last])[0]
     n_img = sgd_images((root / "relion_ab" / "log.txt").read_text(errors="replace"))
     corr, shell = accuracy(vol, s.maps[0], r)
     rows.append(("ab-initio K=1", "RELION 3.1 --denovo_3dref --sgd", str(ini + mid + fin), n_img, wall,
@@ -153,8 +161,9 @@ def abinitio_rows(args: argparse.Namespace, root: Path, s: Set3D, ps: ParticleSe
     return rows
 
 
-def relion_classes(data_star: Path, input_star: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(rlnClassNumber - 1 (N,), pose matrices (N, 3, 3)) in input order, mapped by rlnImageName."""
+def relion_classes(data_star: Path, input_star: Path, complete: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(rlnClassNumber - 1 (N,), pose matrices (N, 3, 3)) in input order, mapped by rlnImageName;
+    particles absent from data_star get class -1 (an error when ``complete``)."""
     data = starfile.read(data_star, always_dict=True)["particles"]
     inp = starfile.read(input_star, always_dict=True)["particles"]
     order = pd.Series(np.arange(len(inp)), index=inp["rlnImageName"].to_numpy())
@@ -162,19 +171,33 @@ def relion_classes(data_star: Path, input_star: Path) -> tuple[np.ndarray, np.nd
     cls, R = np.full(len(inp), -1, np.int64), np.zeros((len(inp), 3, 3))
     cls[rows] = data["rlnClassNumber"].to_numpy() - 1
     R[rows] = euler_to_matrix(*(data[f"rlnAngle{a}"].to_numpy() for a in ("Rot", "Tilt", "Psi")))
-    if (cls < 0).any():
+    if complete and (cls < 0).any():
         sys.exit(f"{data_star.name}: {int((cls < 0).sum())} particles without a class")
     return cls, R
 
 
-def pose_error(R: np.ndarray, truth: np.ndarray) -> str:
-    """Median angular distance (deg) of poses (N, 3, 3) from the true ones."""
-    return f"{float(np.median(angular_distance_deg(R, truth))):.1f}"
+def pose_error(R: np.ndarray, truth: np.ndarray, cls: np.ndarray) -> str:
+    """Median angular distance (deg) of poses (N, 3, 3) from the true ones, each class's particles
+    (cls (N,)) in that class's best frame and hand."""
+    err = np.concatenate([errors_in_best_frame(R[cls == k], truth[cls == k])[0]
+                          for k in np.unique(cls) if (cls == k).sum() >= 3])
+    return f"{float(np.median(err)):.1f}"
 
 
-def hetero_rows(args: argparse.Namespace, root: Path, s: Set3D, ps: ParticleSet, xp: ModuleType) -> list[Row]:
-    """Task (2): cryodag hetero refinement and RELION 3D classification, both from the true maps at --init-res."""
-    D, A, r, K = args.box, args.pixel, args.r_max, s.maps.shape[0]
+def read_maps(paths: list[Path]) -> np.ndarray:
+    """The MRC maps at ``paths`` as one (K, D, D, D) float32 array."""
+    out = []
+    for path in paths:
+        with mrcfile.open(path, permissive=True) as m:
+            out.append(np.asarray(m.data, dtype=np.float32))
+    return np.stack(out)
+
+
+def hetero_rows(args: argparse.Namespace, root: Path, s: Set3D, ps: ParticleSet, xp: ModuleType, task: str,
+                maps: np.ndarray, relion_maps: np.ndarray) -> list[Row]:
+    """cryodag hetero refinement from ``maps`` and RELION 3D classification from ``relion_maps``
+    (K, D, D, D), both low-passed to --init-res; the rows are labelled ``task``."""
+    D, A, r, K = args.box, args.pixel, args.r_max, maps.shape[0]
     N = len(s.state)
     r0 = D * A / args.init_res
     st = ht.Settings(n_classes=K, D=D, pixel_size=A, r_max=r, r_init=round(r0), batch_per_class=args.het_batch,
@@ -183,7 +206,7 @@ def hetero_rows(args: argparse.Namespace, root: Path, s: Set3D, ps: ParticleSet,
     load = device_loader(s, xp)
     t0 = time.perf_counter()
     het = ht.HeteroRefine(st, xp, N, args.seed)
-    het.initialise(s.maps, load)
+    het.initialise(maps, load)
     n_img = 0
     for t in range(st.max_oem_iters):
         idx, _, m = het.oem_iteration(t, load)
@@ -196,30 +219,83 @@ def hetero_rows(args: argparse.Namespace, root: Path, s: Set3D, ps: ParticleSet,
         out = het.full_iteration(((idx, *load(idx, band)) for idx in chunks), band)
         n_img += N
     wall = time.perf_counter() - t0
-    rows: list[Row] = [("hetero K=3", "cryodag hetero", f"{t + 1} O-EM + {st.n_full_iters} full", n_img, wall,
-                        "n/a", "n/a", f"{ari(out.cls, s.state):.3f}", pose_error(out.R, s.R))]
+    rows: list[Row] = [(task, "cryodag hetero", f"{t + 1} O-EM + {st.n_full_iters} full", n_img, wall,
+                        "n/a", "n/a", f"{ari(out.cls, s.state):.3f}", pose_error(out.R, s.R, out.cls))]
     print(f"cryodag hetero: {wall:.1f} s, class fractions {np.round(het.pi, 3)}", flush=True)
     if args.skip_relion:
         return rows
-    refs = root / "refs"
+    tag = "_".join(task.split()[2:]) or "truth"
+    refs, out_dir = root / f"refs_{tag}", root / f"relion_cl3d_{tag}"
     refs.mkdir(exist_ok=True)
     names = []
     for k in range(K):
-        write_mrc(refs / f"ref{k + 1}.mrc", to_host(lowpass(s.maps[k].astype(np.float32), r0, 2.0)), A)
-        names.append(f"refs/ref{k + 1}.mrc")
+        write_mrc(refs / f"ref{k + 1}.mrc", to_host(lowpass(relion_maps[k].astype(np.float32), r0, 2.0)), A)
+        names.append(f"{refs.name}/ref{k + 1}.mrc")
     starfile.write(pd.DataFrame({"rlnReferenceImage": names}), refs / "refs.star", overwrite=True)
-    cmd = relion_common(args, ps.star, "relion_cl3d/run") + [
-        "--ref", "refs/refs.star", "--firstiter_cc", "--ini_high", f"{args.init_res:g}", "--K", str(K),
+    cmd = relion_common(args, ps.star, f"{out_dir.name}/run") + [
+        "--ref", f"{refs.name}/refs.star", "--firstiter_cc", "--ini_high", f"{args.init_res:g}", "--K", str(K),
         "--iter", str(args.relion_iter), "--tau2_fudge", "4", "--norm", "--scale",
         "--strict_highres_exp", f"{D * A / r:g}"]
-    wall = run_relion(cmd, root, root / "relion_cl3d")
-    last = sorted((root / "relion_cl3d").glob("run_it*_data.star"))[-1]
+    wall = run_relion(cmd, root, out_dir)
+    last = sorted(out_dir.glob("run_it*_data.star"))[-1]
     cls, R = relion_classes(last, root / ps.star)
-    rows.append(("hetero K=3", "RELION 3.1 3D classification", str(args.relion_iter), N * args.relion_iter, wall,
-                 "n/a", "n/a", f"{ari(cls, s.state):.3f}", pose_error(R, s.R)))
+    rows.append((task, "RELION 3.1 3D classification", str(args.relion_iter), N * args.relion_iter, wall,
+                 "n/a", "n/a", f"{ari(cls, s.state):.3f}", pose_error(R, s.R, cls)))
     print(f"RELION 3D classification: {wall:.1f} s ({last.name}), class fractions "
           f"{np.round(np.bincount(cls, minlength=K) / N, 3)}", flush=True)
     return rows
+
+
+def abinitio3_rows(args: argparse.Namespace, root: Path, s: Set3D, ps: ParticleSet, xp: ModuleType) -> list[Row]:
+    """Task (3): ab-initio K = 3 from random starts on the 3-state set, then hetero refinement
+    from its maps; cryodag and RELION (SGD initial model, then 3D classification)."""
+    D, A, r, K = args.box, args.pixel, args.r_max, s.maps.shape[0]
+    st = ab.Settings(n_classes=K, D=D, pixel_size=A, r_init=args.r_init, r_max=r, n_init_iters=args.ab3_iters[0],
+                     radius_step=0.5, n_final_iters=args.ab3_iters[1], batch_size=args.ab_batch,
+                     high_lr_iters=args.ab3_iters[0], similarity_end=args.ab3_similarity_end,
+                     shift_extent_px=2.0, n_starts=args.ab3_starts, start_choice="final")
+    load = device_loader(s, xp)
+    idx = np.arange(len(s.state))
+    band = Band(D, r)
+    t0 = time.perf_counter()
+    eng = ab.AbInitio(st, xp, len(s.state), args.seed)
+    finals, aris = [], []
+    for m in range(st.n_starts):
+        eng.initialise(load, m)
+        for t in range(st.n_iterations):
+            eng.iterate(t, load)
+        finals.append({k: v.copy() for k, v in eng.state().items()})
+        aris.append(ari(eng.assign(*load(idx, band), band).p.argmax(1), s.state))
+    best, scores = eng.best_final(finals, load)
+    wall = time.perf_counter() - t0
+    print(f"cryodag ab-initio K=3: {wall:.1f} s; per start ARI {np.round(aris, 3)}, final log evidence "
+          f"{np.round(scores, 3)}: kept start {best + 1}", flush=True)
+    maps = to_host(eng.vols)
+    e = eng.assign(*load(idx, band), band)
+    corr = " / ".join(f"{max(align_volume(v, m).corr for m in s.maps):.3f}" for v in maps)
+    rows: list[Row] = [("ab-initio K=3", f"cryodag abinitio, {st.n_starts} starts", str(st.n_iterations),
+                        st.n_starts * st.n_iterations * min(st.batch_size, len(s.state)), wall, corr, "n/a",
+                        f"{ari(e.p.argmax(1), s.state):.3f}", "n/a")]
+    relion_maps = maps
+    if not args.skip_relion:
+        ini, mid, fin = args.sgd_iters
+        cmd = relion_common(args, ps.star, "relion_ab3/run") + [
+            "--denovo_3dref", "--sgd", "--K", str(K), "--sgd_ini_iter", str(ini), "--sgd_inbetween_iter",
+            str(mid), "--sgd_fin_iter", str(fin), "--sgd_ini_subset", str(args.sgd_subsets[0]),
+            "--sgd_fin_subset", str(args.sgd_subsets[1]), "--sgd_ini_resol", f"{D * A / args.r_init:g}",
+            "--sgd_fin_resol", f"{D * A / r:g}", "--sgd_write_iter", str(ini + mid + fin)]
+        wall = run_relion(cmd, root, root / "relion_ab3")
+        it = sorted((root / "relion_ab3").glob("run_it*_class001.mrc"))[-1].name.split("_class")[0]
+        relion_maps = read_maps([root / "relion_ab3" / f"{it}_class{k + 1:03d}.mrc" for k in range(K)])
+        # SGD writes the classes of its last subsets only: the ARI is over those particles
+        cls, _ = relion_classes(root / "relion_ab3" / f"{it}_data.star", root / ps.star, complete=False)
+        seen = cls >= 0
+        corr = " / ".join(f"{max(align_volume(v, m).corr for m in s.maps):.3f}" for v in relion_maps)
+        rows.append(("ab-initio K=3", "RELION 3.1 --denovo_3dref --sgd --K 3", str(ini + mid + fin),
+                     sgd_images((root / "relion_ab3" / "log.txt").read_text(errors="replace")), wall, corr,
+                     "n/a", f"{ari(cls[seen], s.state[seen]):.3f} ({int(seen.sum())} in its last subsets)", "n/a"))
+        print(f"RELION SGD K=3: {wall:.1f} s ({it})", flush=True)
+    return rows + hetero_rows(args, root, s, ps, xp, "hetero K=3 from ab-initio", maps, relion_maps)
 
 
 def main() -> None:
@@ -247,7 +323,13 @@ def main() -> None:
     ap.add_argument("--relion-healpix", type=int, default=1,
                     help="RELION --healpix_order (1: 30 deg, 15 deg after oversampling; 2 costs ~10x)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="RELION --j")
-    ap.add_argument("--tasks", default="abinitio,hetero", help="comma-separated subset of abinitio,hetero")
+    ap.add_argument("--ab3-iters", type=int, nargs=2, default=[30, 90], metavar=("INIT", "FINAL"),
+                    help="task (3): cryodag ab-initio initial and final iterations")
+    ap.add_argument("--ab3-starts", type=int, default=3, help="task (3): whole runs from random starts")
+    ap.add_argument("--ab3-similarity-end", type=int, default=50,
+                    help="task (3): iteration where the class similarity reaches 0")
+    ap.add_argument("--tasks", default="abinitio,hetero,abinitio3",
+                    help="comma-separated subset of abinitio,hetero,abinitio3")
     common_args(ap)
     args = ap.parse_args()
     root = start(args, "abinitio_hetero_bench_")
@@ -260,23 +342,31 @@ def main() -> None:
           f"{args.sgd_iters}, subsets {args.sgd_subsets}\n"
           f"  (2) 3 x {args.per_state} particles, SNR {args.snr_hetero:g}, start maps at {args.init_res:g} Å; "
           f"cryodag <= {args.het_oem_iters} O-EM x {3 * args.het_batch} + {args.het_full_iters} full; "
-          f"RELION {args.relion_iter} iterations; RELION --j {args.threads}, --healpix_order "
+          f"RELION {args.relion_iter} iterations\n"
+          f"  (3) the set of (2); cryodag ab-initio K=3 {args.ab3_iters[0]} + anneal + {args.ab3_iters[1]} "
+          f"iterations x {args.ab_batch}, {args.ab3_starts} starts (kept by final evidence), then hetero as (2); "
+          f"RELION SGD K=3 as (1), then 3D classification as (2)\n"
+          f"  RELION --j {args.threads}, --healpix_order "
           f"{args.relion_healpix} + oversampling 1, offsets 3 px range / 2 px step", flush=True)
     rows: list[Row] = []
     if "abinitio" in tasks:
         s = simulate([args.particles], D=args.box, pixel_size=args.pixel, snr=args.snr, seed=args.seed + 3)
         rows += abinitio_rows(args, root, s, write_set(root, "sim_homo", s), xp)
-    if "hetero" in tasks:
+    if tasks & {"hetero", "abinitio3"}:
         s = simulate([args.per_state] * 3, D=args.box, pixel_size=args.pixel, snr=args.snr_hetero,
                      seed=args.seed + 1)
-        rows += hetero_rows(args, root, s, write_set(root, "sim_states", s), xp)
+        ps = write_set(root, "sim_states", s)
+        if "hetero" in tasks:
+            rows += hetero_rows(args, root, s, ps, xp, "hetero K=3", s.maps, s.maps)
+        if "abinitio3" in tasks:
+            rows += abinitio3_rows(args, root, s, ps, xp)
 
     relion = {task: wall for task, method, _, _, wall, *_ in rows if method.startswith("RELION")}
     print("\n| task | method | iterations | particle-images | wall time (s) | ms / particle-image "
           "| s / particle | aligned corr | FSC 0.5 shell | ARI | median pose error (deg) | speed-up vs RELION |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for task, method, iters, n_img, wall, corr, shell, score, pose in rows:
-        n = args.particles if task.startswith("ab") else 3 * args.per_state
+        n = args.particles if task == "ab-initio K=1" else 3 * args.per_state
         speed = f"{relion[task] / wall:.1f}x" if task in relion else "n/a"
         print(f"| {task} | {method} | {iters} | {n_img:,} | {wall:.1f} | {1e3 * wall / n_img:.1f} "
               f"| {wall / n:.3f} | {corr} | {shell} | {score} | {pose} | {speed} |")
