@@ -19,10 +19,15 @@ once, 0.5 at 5 shells). O-EM iteration t on a random batch of
             the poses still searched per class; ``force_hard`` uses the argmax class.
   M-step    per class and half (particle index parity) the decayed accumulators
             S <- decay x S + S_batch (cryoSPARC "halfmap decay", a sliding window of
-            ~1/(1-decay) batches); per-class FSC of the half maps; every class is filtered with
-            the MAX FSC over classes (so small classes are not over-filtered); the Wiener map of
-            both halves W_k is blended V_k <- (1 - eta) V_k + eta W_k with eta = lr_random
-            during randomisation, then lr_init x 0.5^(t / lr_half_life).
+            ~1/(1-decay) batches); per-class FSC of the half maps; one signal prior for all
+            classes: tau2 from the MAX FSC over classes (so a small class's noisy FSC does not
+            over-filter it) per unit weight of the LARGEST class, so each class is shrunk by
+            how much data it holds (a class of a few pure-noise images shrinks to ~0 and so
+            attracts noise; with the max FSC applied per class's own weight its map stayed
+            a loud noise average and the noise images went to the particle classes: §7.3 E3,
+            4% -> 100% of them in the junk class); the Wiener map of both halves W_k is blended
+            V_k <- (1 - eta) V_k + eta W_k with eta = lr_random during randomisation, then
+            lr_init x 0.5^(t / lr_half_life).
   priors    pi <- (1 - eta) pi + eta mean p; noise by shrinkage of best-pose residuals.
   converged when, after randomisation, < ``switch_tol`` of the batch changed class since it
             was last seen and the band moved by <= 1 shell.
@@ -184,7 +189,7 @@ class HeteroRefine:
                     a.symmetrize(self.ops)
 
     def _maximise(self, eta: float) -> None:
-        """Per-class FSC, max-FSC filtering, blended Wiener maps (module doc)."""
+        """Per-class FSC, one signal prior (max FSC, largest class), blended Wiener maps (module doc)."""
         s, xp, K = self.s, self.xp, self.s.n_classes
         curves = []
         for k in range(K):
@@ -193,12 +198,16 @@ class HeteroRefine:
         self.fsc = np.stack(curves)
         self.fsc[:, self.r + 1 :] = 0.0  # nothing was back-projected beyond the band
         best = self.fsc.max(axis=0)
+        fulls = []
         for k in range(K):
             full = Accumulator3D(s.D, 2, xp)
             full.add(self.acc[0][k])
             full.add(self.acc[1][k])
-            target = wiener(full, tau2_from_fsc(xp.asarray(best), full, full=True))
-            self.vols[k] = (1 - eta) * self.vols[k] + eta * target
+            fulls.append(full)
+        largest = int(np.argmax([float(xp.sum(f.weight)) for f in fulls]))
+        tau2 = tau2_from_fsc(xp.asarray(best), fulls[largest], full=True)
+        for k in range(K):
+            self.vols[k] = (1 - eta) * self.vols[k] + eta * wiener(fulls[k], tau2)
         self.resolution = np.array([resolution_at(f, 0.143, s.D, s.pixel_size) for f in self.fsc])
 
     def oem_iteration(self, t: int, load: Loader) -> tuple[np.ndarray, Assignment, dict[str, Any]]:

@@ -203,6 +203,33 @@ def test_hetero_from_lowpassed_truth(states: Set3D, truth_hetero: ht.Assignment)
 
 
 @pytest.mark.gpu
+def test_hetero_junk_class_absorbs_noise_particles() -> None:
+    """§7.3 E3: two states (full / one domain removed, 2 x 200, SNR 3) plus 15% pure-noise
+    images; references: the two true maps and a random blob (noise low-passed to 40 Å inside the
+    particle's sphere, the maps' norm), all low-passed to 30 Å by the refinement. >= 85% of the
+    noise images end in the blob's class and <= 5% of the particles."""
+    s = simulate([200, 200], D=D, pixel_size=A, snr=3.0, seed=1)
+    rng = np.random.default_rng(5)
+    n_junk = round(0.15 * len(s.state) / 0.85)
+    pick = rng.choice(len(s.state), n_junk)
+    data = replace(s, images=np.concatenate([s.images, rng.normal(0, np.sqrt(s.noise_var), (n_junk, D, D))
+                                             .astype(np.float32)]),
+                   state=np.concatenate([s.state, np.full(n_junk, -1)]), R=np.concatenate([s.R, s.R[pick]]),
+                   shift=np.concatenate([s.shift, np.zeros((n_junk, 2))]),
+                   defocus=np.concatenate([s.defocus, s.defocus[pick]]))
+    x = np.linspace(-1, 1, D) * D / 2
+    inside = (x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2) <= (0.36 * D) ** 2
+    blob = lowpass(rng.normal(size=(D, D, D)), D * A / 40, 1.0) * inside
+    blob *= np.linalg.norm(s.maps[0]) / np.linalg.norm(blob)
+    out = _hetero(data, np.concatenate([s.maps, blob[None].astype(np.float32)]))
+    junk = data.state < 0
+    in_junk = out.cls == 2
+    print(f"noise images in the junk class {in_junk[junk].mean():.3f}, particles there {in_junk[~junk].mean():.3f}, "
+          f"ARI of the particles {ari(out.cls[~junk], data.state[~junk]):.3f}")
+    assert in_junk[junk].mean() >= 0.85
+    assert in_junk[~junk].mean() <= 0.05
+
+
 def test_gpu_expectation_parity_with_numpy(states: Set3D) -> None:
     """The 3D E-step gives the same classes and best poses on CuPy as on NumPy."""
     from kernels import backend
