@@ -75,8 +75,11 @@ Row = tuple[str, str, str, int, float, str, str, str, str]  # task, method, iter
 
 
 def write_set(root: Path, name: str, s: Set3D) -> ParticleSet:
-    """Normalise ``s.images`` in place to unit noise std and write jobs/<name>/particles.{star,mrcs}."""
+    """Normalise ``s.images`` and ``s.maps`` in place to unit noise std (the maps stay on the
+    images' scale: hetero refinement takes its start maps as they are) and write
+    jobs/<name>/particles.{star,mrcs}."""
     s.images /= np.float32(math.sqrt(s.noise_var))
+    s.maps = s.maps / math.sqrt(s.noise_var)
     s.noise_var = 1.0
     job = root / "jobs" / name
     ctx = JobContext(name=name, project_dir=root, work_dir=job, final_dir=job)
