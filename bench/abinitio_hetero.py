@@ -22,7 +22,7 @@ written once each as a ParticleSet (RELION 3.1 STAR + MRC stack):
       in (2), start maps low-passed to --init-res Å). Accuracy: the ab-initio ARI (one E-step of all
       particles with the final maps), each class map's best corr with a true state map, and the
       hetero ARI and pose error. Pose errors of (2) and (3) are measured per class in that class's
-      best frame and hand (kernels/rotations.errors_in_best_frame): maps from ab-initio have
+      best frame and hand (kernels/rotations.errors_in_class_frames): maps from ab-initio have
       their own.
 cryodag runs in-process on the NumPy backend (or CuPy) reading the same normalised images;
 wall times cover the refinement only (RELION: the whole process). "particle-images" counts
@@ -68,7 +68,7 @@ from kernels.backend import to_device, to_host  # noqa: E402
 from kernels.clustering import adjusted_rand_index as ari  # noqa: E402
 from kernels.fourier import Band, lowpass  # noqa: E402
 from kernels.fsc import fsc  # noqa: E402
-from kernels.rotations import errors_in_best_frame, euler_to_matrix  # noqa: E402
+from kernels.rotations import errors_in_class_frames, euler_to_matrix  # noqa: E402
 from kernels.volume_align import align_volume  # noqa: E402
 
 Row = tuple[str, str, str, int, float, str, str, str, str]  # task, method, iters, images, wall, corr, FSC, ARI, pose
@@ -182,9 +182,7 @@ def relion_classes(data_star: Path, input_star: Path, complete: bool = True) -> 
 def pose_error(R: np.ndarray, truth: np.ndarray, cls: np.ndarray) -> str:
     """Median angular distance (deg) of poses (N, 3, 3) from the true ones, each class's particles
     (cls (N,)) in that class's best frame and hand."""
-    err = np.concatenate([errors_in_best_frame(R[cls == k], truth[cls == k])[0]
-                          for k in np.unique(cls) if (cls == k).sum() >= 3])
-    return f"{float(np.median(err)):.1f}"
+    return f"{float(np.median(errors_in_class_frames(R, truth, cls))):.1f}"
 
 
 def read_maps(paths: list[Path]) -> np.ndarray:

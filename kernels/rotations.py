@@ -211,3 +211,12 @@ def errors_in_best_frame(R: np.ndarray, R_true: np.ndarray, inlier_deg: float = 
     G, mirrored = best_frame(R, R_true, inlier_deg, n_candidates, seed)
     T = mirror_rotations(R_true) if mirrored else R_true
     return angular_distance_deg(R, T @ G), mirrored
+
+
+def errors_in_class_frames(R: np.ndarray, R_true: np.ndarray, cls: np.ndarray, min_particles: int = 3) -> np.ndarray:
+    """Angular errors (M,) deg of poses R (N, 3, 3) from R_true (N, 3, 3), the particles of each
+    class (cls (N,)) in that class's own best frame and hand (maps of separate classes, e.g. from
+    ab-initio, each have their own); classes of fewer than ``min_particles`` are left out."""
+    out = [errors_in_best_frame(R[cls == k], R_true[cls == k])[0]
+           for k in np.unique(cls) if (cls == k).sum() >= min_particles]
+    return np.concatenate(out) if out else np.zeros(0)

@@ -26,7 +26,7 @@ from kernels.fourier import Band, lowpass
 from kernels.fsc import fsc
 from kernels.projection import prepare_volume
 from kernels.refine3d import centre_of_mass, constrain, expectation, plan_for
-from kernels.rotations import angular_distance_deg, errors_in_best_frame
+from kernels.rotations import angular_distance_deg, errors_in_class_frames
 from kernels.volume_align import align_volume
 
 D, A, R_MAX, SNR = 24, 8.0, 8, 1.0
@@ -149,7 +149,8 @@ def test_abinitio_three_states_then_hetero(states: Set3D, truth_hetero: ht.Assig
     oracle, _ = _oracle(states)
     out = _hetero(states, np.asarray(eng.vols))
     h_score = ari(out.cls, states.state)
-    err, ref = float(np.median(_pose_errors(out, states))), float(np.median(_pose_errors(truth_hetero, states)))
+    err = float(np.median(errors_in_class_frames(out.R, states.R, out.cls)))
+    ref = float(np.median(errors_in_class_frames(truth_hetero.R, states.R, truth_hetero.cls)))
     print(f"hetero from it: ARI {h_score:.3f} (oracle {oracle:.3f}), pose error {err:.1f} deg (from the true "
           f"maps {ref:.1f}), fractions {np.round(np.bincount(out.cls, minlength=3) / out.cls.size, 3)}")
     assert h_score >= oracle - 0.05
@@ -177,13 +178,6 @@ def _hetero(s: Set3D, maps: np.ndarray) -> ht.Assignment:
 def truth_hetero(states: Set3D) -> ht.Assignment:
     """Hetero refinement of the 3-state set from its true maps low-passed to 30 Å."""
     return _hetero(states, states.maps)
-
-
-def _pose_errors(out: ht.Assignment, s: Set3D) -> np.ndarray:
-    """Angular errors (N,) deg of the assigned poses, each class's particles in that class's best
-    frame and hand (maps from ab-initio have their own)."""
-    K = out.p.shape[1]
-    return np.concatenate([errors_in_best_frame(out.R[out.cls == k], s.R[out.cls == k])[0] for k in range(K)])
 
 
 def test_hetero_from_lowpassed_truth(states: Set3D, truth_hetero: ht.Assignment) -> None:

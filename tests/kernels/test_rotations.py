@@ -13,6 +13,7 @@ from kernels.rotations import (
     best_frame,
     cryosparc_from_relion,
     errors_in_best_frame,
+    errors_in_class_frames,
     euler_to_matrix,
     inplane_matrices,
     matrix_to_euler,
@@ -154,3 +155,19 @@ def test_errors_in_best_frame(mirrored: bool) -> None:
     fitted, hand = best_frame(R, R_true)
     assert hand == mirrored
     assert angular_distance_deg(fitted, G) < 0.5
+
+
+def test_errors_in_class_frames() -> None:
+    """Two classes whose poses are exact in two different frames (one mirrored): zero error for
+    both; a class of 2 particles is left out."""
+    rng = np.random.default_rng(4)
+    R_true = random_rotations(302, rng)
+    cls = np.repeat([0, 1, 2], [150, 150, 2])
+    G = random_rotations(2, rng)
+    F = np.diag([1.0, 1.0, -1.0])
+    R = R_true.copy()
+    R[cls == 0] = R_true[cls == 0] @ G[0]
+    R[cls == 1] = F @ R_true[cls == 1] @ F @ G[1]
+    err = errors_in_class_frames(R, R_true, cls)
+    assert err.shape == (300,)
+    assert err.max() < 1e-3
