@@ -70,11 +70,29 @@ def test_select_3d_bad_ids(project: tuple[Path, ParticleSet, VolumeSet], classes
         SELECT.run(SELECT.params(classes=classes), {"particles": ps, "volumes": vs}, _ctx(root, "sel"))
 
 
+def test_select_3d_by_size(project: tuple[Path, ParticleSet, VolumeSet]) -> None:
+    """min_fraction keeps the classes holding that fraction of the particles, largest first."""
+    root, ps, vs = project
+    tables = read_tables(ps, root)
+    tables.particles["rlnClassNumber"] = [3] * 16 + [1] * 10 + [2] * 4   # 16 / 10 / 4 of 30
+    uneven = write_particle_set(_ctx(root, "uneven"), "particles", tables, [np.zeros((N, BOX, BOX), np.float32)],
+                                BOX, PIXEL)
+    run = lambda f: SELECT.run(SELECT.params(min_fraction=f), {"particles": uneven, "volumes": vs},  # noqa: E731
+                               _ctx(root, f"sel{f}"))
+    out = run(0.3)
+    assert out["particles"].count == 26 and out["volumes"].summary["classes"] == [3, 1]
+    assert [v.map for v in out["volumes"].volumes] == [vs.volumes[2].map, vs.volumes[0].map]
+    assert run(0.1)["volumes"].summary["classes"] == [3, 1, 2]
+    with pytest.raises(JobInputError, match=r"min_fraction 0.6: no class .*\[10, 4, 16\]"):
+        run(0.6)
+
+
 def test_select_3d_invalid_params_and_mismatch(project: tuple[Path, ParticleSet, VolumeSet]) -> None:
     root, ps, _ = project
-    for bad in ([], [0], [1, 1]):
+    for bad in ({"classes": []}, {"classes": [0]}, {"classes": [1, 1]}, {}, {"classes": [1], "min_fraction": 0.1},
+                {"min_fraction": 0.0}, {"min_fraction": 1.5}):
         with pytest.raises(pydantic.ValidationError):
-            SELECT.params(classes=bad)
+            SELECT.params(**bad)
     two = _maps(root, "two", 2)
     with pytest.raises(JobInputError, match="rlnClassNumber 3 is not a class"):
         SELECT.run(SELECT.params(classes=[1]), {"particles": ps, "volumes": two}, _ctx(root, "sel"))
