@@ -39,7 +39,8 @@ ARI_MIN, CORR_MIN, FSC_LIMIT_FACTOR = 0.8, 0.8, 4.0
 
 @dataclass
 class Row:
-    """One line of the summary: job, type, what was found, the check it passes (or '') and the
+    """One line of the summary: job, type, what was found, the check it passes (or ''), the number
+    that check tests (ARI, FSC-to-truth resolution in Å, best |corr|; None without a check) and the
     job's run time (s)."""
 
     job: str
@@ -47,6 +48,7 @@ class Row:
     result: str
     check: str = ""
     seconds: float | None = None
+    value: float | None = None
 
 
 @dataclass
@@ -130,9 +132,10 @@ def _fit_to_truth(vol: np.ndarray, D: int, a: float, rows: np.ndarray, truth: Tr
     return resolution_at(fsc(vol, fit.volume), 0.5, D, a), fit.corr
 
 
-def _consensus(job: Any, vs: VolumeSet, project: Path, rows: np.ndarray, truth: Truth) -> tuple[str, bool]:
+def _consensus(job: Any, vs: VolumeSet, project: Path, rows: np.ndarray, truth: Truth) -> tuple[str, float, bool]:
     """FSC (unmasked) and real-space correlation of the consensus map with the particle-weighted
-    truth (aligned, both hands) in the refinement's working box."""
+    truth (aligned, both hands) in the refinement's working box: text, FSC-0.5 resolution (Å),
+    whether it is within the limit."""
     box = vs.box if job.params.get("refinement_box_size") is None else min(vs.box, job.params["refinement_box_size"])
     D = box - box % 2
     a = vs.box * vs.pixel_size / D
@@ -142,7 +145,7 @@ def _consensus(job: Any, vs: VolumeSet, project: Path, rows: np.ndarray, truth: 
     text = (f"{len(rows)} particles; GS-FSC {gs:.2f} Å (0.143); FSC to truth {res:.2f} Å (0.5; box {D} at "
             f"{a:.3g} Å/px: limit {limit:.1f} Å; at the data's {vs.pixel_size:.3g} Å/px the limit would be "
             f"{data_limit:.1f} Å); aligned corr with truth {corr:.3f}")
-    return text, res <= limit
+    return text, res, res <= limit
 
 
 def _pose_errors(t: ParticleTables, rows: np.ndarray, truth: Truth) -> str:
@@ -199,7 +202,7 @@ def summarise(store: Store, wf: Workflow) -> list[Row]:
         return rows[ref.job][ref.slot]
 
     table: list[Row] = []
-    separated = False
+    best_ari = -1.0
     for name in done:
         node, out, r, p = wf.nodes[name], outs[name], rows[name].get("particles"), tables[name].get("particles")
         row = Row(name, node.type, "", seconds=done[name].duration_s)
@@ -223,17 +226,17 @@ def summarise(store: Store, wf: Workflow) -> list[Row]:
             if node.type == "ab_initio" and len(out["volumes"].volumes) == 1:
                 row.result += "; " + _ab_initio_map(done[name], out["volumes"], project, r, truth)
             if node.type != "ab_initio":
-                row.check = _check(f"ARI >= {ARI_MIN}", ari >= ARI_MIN)
-                separated |= ari >= ARI_MIN
+                row.check, row.value = _check(f"ARI >= {ARI_MIN}", ari >= ARI_MIN), ari
+                best_ari = max(best_ari, ari)
         elif node.type == "select_3d":
             row.result = _junk_line(upstream(name), r, truth)
         elif node.type == "homo_refine":
-            row.result, ok = _consensus(done[name], out["volumes"], project, r, truth)
+            row.result, row.value, ok = _consensus(done[name], out["volumes"], project, r, truth)
             row.result += "; " + _pose_errors(p, r, truth)
             row.check = _check("FSC-to-truth", ok)
         elif node.type == "var_3d":
             row.result, corr = _latents(p, r, truth)
-            row.check = _check(f"best |corr| >= {CORR_MIN}", corr >= CORR_MIN)
+            row.check, row.value = _check(f"best |corr| >= {CORR_MIN}", corr >= CORR_MIN), corr
         elif node.type == "var_3d_display":
             row.result = f"{out['volumes'].summary['mode']}: {len(out['volumes'].volumes)} maps"
             if out["volumes"].summary["mode"] == "cluster":
@@ -241,7 +244,8 @@ def summarise(store: Store, wf: Workflow) -> list[Row]:
         else:
             row.result = ", ".join(f"{s}: {a.summary}" for s, a in out.items())
         table.append(row)
-    table.append(Row("(all)", "", "3 states separated by hetero_refine or class_3d", _check("states", separated)))
+    table.append(Row("(all)", "", "3 states separated by hetero_refine or class_3d",
+                     _check("states", best_ari >= ARI_MIN), value=best_ari if best_ari >= 0 else None))
     missing = [n for n in wf.order if n not in done]
     if missing:
         table.append(Row("(all)", "", f"not finished: {', '.join(missing)}", "FAIL incomplete"))
