@@ -52,7 +52,8 @@ class Params(JobParams):
 def by_size(counts: np.ndarray, min_fraction: float) -> list[int]:
     """1-based ids of the classes with counts (K,) >= min_fraction x their sum, largest first
     (ties by id); JobInputError when none is."""
-    ids = [int(k) + 1 for k in np.argsort(-counts, kind="stable") if counts[k] >= min_fraction * counts.sum()]
+    least = min_fraction * counts.sum()
+    ids = [int(k) + 1 for k in np.argsort(-counts, kind="stable") if counts[k] >= least]
     if not ids:
         raise JobInputError(f"min_fraction {min_fraction:g}: no class holds that fraction of the particles "
                             f"(class sizes {counts.tolist()})")
@@ -75,7 +76,10 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
         raise JobInputError(f"{tables.row(int(outside[0]))}: rlnClassNumber {cls[outside[0]]:g} is not a class of "
                             f"the volumes input (1..{K}); wire the volumes of the job that classified them")
     counts = np.bincount(cls.astype(np.int64), minlength=K + 1)[1:]
-    classes = params.classes or by_size(counts, float(params.min_fraction or 0.0))
+    if params.min_fraction is None:
+        classes, rule = list(params.classes or []), ""
+    else:
+        classes, rule = by_size(counts, params.min_fraction), f" (each >= {params.min_fraction:g} of the particles)"
     keep = np.isin(cls, classes)
     if not keep.any():
         raise JobInputError(f"classes {classes} hold no particles")
@@ -83,7 +87,6 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     particles = write_particle_star(ctx, "particles", ParticleTables(tables.optics, df, tables.source), ps)
     volumes = VolumeSet(volumes=[vs.volumes[k - 1] for k in classes], box=vs.box, pixel_size=vs.pixel_size,
                         summary={"maps": len(classes), "classes": list(classes)})
-    rule = "" if params.classes else f" (each >= {params.min_fraction:g} of the particles)"
     ctx.log.info(f"kept classes {classes}{rule}: {int(keep.sum())} of {len(keep)} particles "
                  f"(class sizes {counts.tolist()})")
     ctx.metric("selected_particles", int(keep.sum()))
