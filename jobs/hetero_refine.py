@@ -3,7 +3,9 @@
 Engine: kernels/hetero.py. The K references are the maps of the `volumes` input (e.g. an
 ab-initio job's good and junk classes), optionally a subset (`use_classes`), resampled to the
 refinement box (`refinement_box_size`, cryoSPARC's "Refinement box size (voxels)"; particles
-are Fourier-cropped to it) and low-passed to `initial_lowpass_res_A`. Online EM on batches of
+are Fourier-cropped to it), low-passed to `initial_lowpass_res_A` and, with
+`reestimate_greyscale` (RELION's "Ref. map is on absolute greyscale?" = No), each brought to the
+data's scale (maps of different jobs or programs carry different scales). Online EM on batches of
 `batch_size_per_class` x K particles until < `convergence_switch_fraction` of a batch changes
 class (or `max_oem_iters`), then `num_final_full_iters` full passes over all particles.
 
@@ -58,6 +60,7 @@ class Params(JobParams):
     initial_sigma_scale: float = Field(3.0, ge=1, description="Initial noise scale (annealed to 1)")
     offset_range_A: float | None = Field(None, gt=0, description="Shift search radius (Å); None: 10% of the box")
     symmetry: PointGroup = Field("C1", description="Point group (Cn or Dn)")
+    reestimate_greyscale: bool = Field(True, description="Re-estimate greyscale level of input maps")
     checkpoint_every: int = Field(5, ge=1, description="O-EM iterations between checkpoints")
     chunk_size: int = Field(1000, ge=1, description="Particles per chunk in full passes")
 
@@ -125,7 +128,7 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
         halfmap_decay=params.halfmap_decay, bp_factor=params.backprojection_res_factor,
         switch_tol=params.convergence_switch_fraction, n_full_iters=params.num_final_full_iters,
         force_hard=params.force_hard_classification, sigma_scale=params.initial_sigma_scale,
-        shift_extent_px=shift, symmetry=params.symmetry,
+        shift_extent_px=shift, symmetry=params.symmetry, greyscale=params.reestimate_greyscale,
     )
     xp = get_xp()
     eng = ht.HeteroRefine(settings, xp, N, params.seed)
@@ -141,6 +144,10 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
         ctx.log.info(f"resuming after O-EM iteration {done}")
     else:
         eng.initialise(refs, src.load)
+        if params.reestimate_greyscale:
+            ctx.log.info("greyscale of the start maps (x the input): "
+                         + ", ".join(f"{g:.3g}" for g in eng.greyscale))
+            ctx.metric("greyscale", [round(float(g), 4) for g in eng.greyscale])
     t = done
     while not converged and t + 1 < params.max_oem_iters:
         t += 1
@@ -200,7 +207,7 @@ JOB = JobType(
     inputs={"particles": Slot(ParticleSet, frozenset({"ctf"}), help="Particles with CTF"),
             "volumes": Slot(VolumeSet, help="K initial maps (e.g. ab-initio classes)")},
     outputs={"volumes": VolumeSet, "particles": ParticleSet},
-    version=1,
+    version=2,
     run=run,
     summary="Heterogeneous refinement: K-class 3D refinement with global pose search (online EM)",
     adds={"particles": frozenset({"class", "alignments3D"})},

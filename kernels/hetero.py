@@ -9,8 +9,12 @@ grows by at most one shell per iteration: maps of random subsets agree to high r
 (their FSC says nothing about the classes), and classes that first separate on the band where
 the states differ most do not split by view instead (measured from three copies of the
 consensus, D = 24, 600 particles: batch ARI 0.2 when the band jumped from 5 to 8 shells at
-once, 0.5 at 5 shells). O-EM iteration t on a random batch of
-``batch_per_class`` x K particles:
+once, 0.5 at 5 shells).
+
+  start     the K maps low-passed to r_init, each brought to the data's greyscale on the
+            r_init band (``greyscale``; kernels/greyscale.py, one class searched at a time).
+
+O-EM iteration t on a random batch of ``batch_per_class`` x K particles:
 
   E-step    global coarse-to-fine pose search per class, marginal class posteriors at
             temperature c_t^2 (c: ``sigma_scale`` -> 1 over the random and first O-EM
@@ -50,6 +54,7 @@ import numpy as np
 from kernels.backend import to_host
 from kernels.fourier import Band, lowpass
 from kernels.fsc import fsc, resolution_at
+from kernels.greyscale import match_greyscale
 from kernels.projection import prepare_volume
 from kernels.reconstruction import Accumulator3D, tau2_from_fsc, wiener
 from kernels.refine3d import (
@@ -90,6 +95,7 @@ class Settings:
     shift_extent_px: float = 3.0
     max_order: int = 4
     symmetry: str = "C1"
+    greyscale: bool = True
 
     def eta(self, t: int) -> float:
         if t < self.n_random_iters:
@@ -139,9 +145,13 @@ class HeteroRefine:
         self.last = np.full(n_particles, -1, dtype=np.int64)
         self.r = s.r_init
         self.ops = point_group(s.symmetry)
+        self.greyscale = np.ones(K)
 
     def initialise(self, volumes: Any, load: Loader) -> None:
-        """Start maps (K, D, D, D) low-passed to r_init; noise model from a random batch."""
+        """Start maps (K, D, D, D) low-passed to r_init; noise model from a random batch of
+        <= 1,000 particles; with ``greyscale`` each map brought to the data's scale on the r_init
+        band (kernels/greyscale.py, searches as the E-step's): maps from different jobs or
+        programs carry different scales, and the class likelihoods are not scale-free."""
         s, xp = self.s, self.xp
         self.vols = xp.stack([lowpass(xp.asarray(v, dtype=xp.float32), s.r_init, 2.0) for v in volumes])
         band = Band(s.D, s.r_max)
@@ -149,6 +159,18 @@ class HeteroRefine:
         X, _ = load(idx, band)
         self.sigma2_0 = initial_noise(X, band, s.D)
         self.sigma2 = self.sigma2_0.copy()
+        if s.greyscale:
+            band = Band(s.D, s.r_init)
+            X, C = load(idx, band)
+            plan = plan_for(band.r_max, s.shift_extent_px, s.max_order)
+            rng = np.random.default_rng([self.seed, 1 << 21])
+
+            def search(vft: Any) -> Any:
+                return expectation(X, C, self.sigma2, band, [vft], np.zeros(1), plan).result
+
+            self.greyscale = np.array([match_greyscale(X, C, band, v, None, self.sigma2, search, rng)[0]
+                                       for v in self.vols])
+            self.vols = self.vols * xp.asarray(self.greyscale, dtype=xp.float32)[:, None, None, None]
 
     def batch_indices(self, t: int) -> np.ndarray:
         B = min(self.s.batch_per_class * self.s.n_classes, self.N)

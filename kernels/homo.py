@@ -9,8 +9,9 @@ through a loader ``load(idx, band) -> (X (B, nF) complex64, C (B, nF) float32)``
             so that its CTF-modulated projections at random poses carry the data's band power
             (an upper bound: scores then favour correlation over norm), then twice set to the
             median per-particle least-squares scale (§1.13) at the best poses of a coarse
-            search of <= ``greyscale_particles`` particles on the r_init band. sigma2_0 from the
-            data power, the band of r_init from those searches' residuals.
+            search of <= ``greyscale_particles`` particles on the r_init band
+            (kernels/greyscale.py). sigma2_0 from the data power, the band of r_init from
+            those searches' residuals.
   E-step    per half against V_h x mask on the band r_t (DC excluded): global coarse-to-fine
             search (``align3d.global_search``, HEALPix order0 .. order, shifts in a disc of
             ``shift_extent_px``) while the angular step is > ``local_step_deg``, then local
@@ -81,14 +82,13 @@ from kernels.align3d import (
 from kernels.backend import to_host
 from kernels.fourier import Band, lowpass, soft_spherical_mask
 from kernels.fsc import fsc, fsc_corrected_phase_randomised, resolution_at
+from kernels.greyscale import ls_scales, match_greyscale
 from kernels.grids import so3_step_deg
 from kernels.masks import threshold_mask
-from kernels.noise import per_particle_scale
-from kernels.projection import VolumeFT, prepare_volume, project
+from kernels.projection import VolumeFT, prepare_volume
 from kernels.reconstruction import Accumulator3D, tau2_from_fsc, wiener
 from kernels.refine3d import EStep3D, initial_noise, noise_weights, residual_power, update_noise
-from kernels.rotations import angular_distance_deg, random_rotations
-from kernels.scoring import particle_phases
+from kernels.rotations import angular_distance_deg
 from kernels.sharpen import GuinierFit, guinier_fit, sharpen
 from kernels.symmetry import point_group
 
@@ -243,54 +243,24 @@ class HomoRefine:
         self.sigma2 = self.sigma2_0.copy()
         band = Band(s.D, s.r_init)
         X, C = load(idx, band)
-        res = None
         if s.greyscale:
-            self.greyscale = self._power_scale(X, C, band, prepare_volume(v0), rng)
+            self.greyscale, res = match_greyscale(X, C, band, v0, self.mask, self.sigma2,
+                                                  lambda vft: self._coarse_search(X, C, band, vft), rng)
             v0 = v0 * self.greyscale
-            for _ in range(2):
-                alpha, res = self._scales(X, C, band, v0)
-                g = float(np.median(alpha))
-                self.greyscale *= g
-                v0 = v0 * g
-        if res is None:
-            res = self._scales(X, C, band, v0)[1]
+        else:
+            res = self._coarse_search(X, C, band, prepare_volume(v0 * self.mask))
         e = EStep3D(res, np.ones((idx.size, 1)), np.ones(idx.size), np.zeros((idx.size, 1)))
         resid = residual_power(X, C, band, [prepare_volume(v0 * self.mask)], e, np.zeros(idx.size, np.int64))
         self.sigma2 = update_noise(self.sigma2, self.sigma2_0, resid, band, idx.size)
         self.vols = xp.stack([v0, v0]).astype(xp.float32)
 
-    def _power_scale(self, X: Any, C: Any, band: Band, vft: VolumeFT, rng: np.random.Generator) -> float:
-        """sqrt(sum w |X|^2 / sum w |C P V|^2) at random rotations (w = Hermitian weight x
-        1/sigma2_0): the scale at which projections carry all of the data's power."""
-        xp = self.xp
-        w = band.on(xp, "weight") * noise_weights(self.sigma2_0, band)
-        P = project(vft, xp.asarray(random_rotations(X.shape[0], rng)), band)
-        num = float((xp.abs(X.astype(xp.complex128)) ** 2 @ w).sum())
-        den = float(((C.astype(xp.float64) * xp.abs(P.astype(xp.complex128))) ** 2 @ w).sum())
-        return math.sqrt(num / den) if den > 0 else 1.0
-
-    def _scales(self, X: Any, C: Any, band: Band, vol: Any) -> tuple[np.ndarray, SearchResult]:
-        """Per-particle least-squares scales (B,) at the best poses of a coarse global search
-        (orders order0 .. order0 + 1) against vol x mask on ``band``, and the search."""
+    def _coarse_search(self, X: Any, C: Any, band: Band, vft: VolumeFT) -> SearchResult:
+        """Best poses of a coarse global search (orders order0 .. order0 + 1) on ``band``."""
         s, xp = self.s, self.xp
-        vft = prepare_volume(vol * self.mask)
         w = band.on(xp, "weight") * noise_weights(self.sigma2, band)
-        res = global_search(X, C, w, band, vft, order0=s.order0, n_levels=2, r_start=self._r_start(band),
-                            shift_extent=s.shift_extent_px, **self._global_shifts(2), keep=KEEP,
-                            temperature=s.temperature(0))
-        return self._alpha(X, C, band, vft, res, band.r_min), res
-
-    def _alpha(self, X: Any, C: Any, band: Band, vft: VolumeFT, res: SearchResult, r_lo: float) -> np.ndarray:
-        """alpha_i = Re<X_i, C_i P_i V> / <C_i P_i V, C_i P_i V> (noise-weighted) on shells > r_lo
-        at the best pose of ``res``, clipped to [0.2, 5] x the median (§1.13)."""
-        xp = self.xp
-        cols = xp.asarray(np.flatnonzero(band.shell > r_lo))
-        P = project(vft, res.R[:, 0], band)[:, cols]
-        Xs = (X * particle_phases(band, res.shifts[:, 0], xp))[:, cols]
-        a = to_host(per_particle_scale(Xs, C[:, cols] * P, noise_weights(self.sigma2, band)[cols],
-                                       band.on(xp, "weight")[cols]))
-        med = float(np.median(a))
-        return np.clip(a, 0.2 * med, 5.0 * med) if med > 0 else np.ones_like(a)
+        return global_search(X, C, w, band, vft, order0=s.order0, n_levels=2, r_start=self._r_start(band),
+                             shift_extent=s.shift_extent_px, **self._global_shifts(2), keep=KEEP,
+                             temperature=s.temperature(0))
 
     # ------------------------------------------------------------------ E-step
 
@@ -349,7 +319,7 @@ class HomoRefine:
                 res = self._search(Xh, Ch * xp.asarray(self.alpha[sel], dtype=xp.float32)[:, None], w, band,
                                    refs[h], sel, temperature, local)
                 if s.per_particle_scale:
-                    self.alpha[sel] = self._alpha(Xh, Ch, band, refs[h], res, r_lo)
+                    self.alpha[sel] = ls_scales(Xh, Ch, band, refs[h], res.R[:, 0], res.shifts[:, 0], self.sigma2, r_lo)
                 Ca = Ch * xp.asarray(self.alpha[sel], dtype=xp.float32)[:, None]
                 if s.marginalise:
                     insert_marginal([accs[h]], Xh, Ca, res.poses, band, noise_weights=nw)

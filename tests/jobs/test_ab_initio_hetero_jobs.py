@@ -93,6 +93,8 @@ def test_ab_initio_then_hetero(project) -> None:
     assert len(hp_parts) == ps.count and set(hp_parts["rlnClassNumber"]) <= {1, 2}
     for name in ("maps", "fsc", "class_sizes", "class_fractions"):
         assert (hctx.work_dir / f"plots/{name}.png").is_file(), name
+    grey = [e["value"] for e in events if e["event"] == "metric" and e["name"] == "greyscale"]
+    assert len(grey) == 1 and len(grey[0]) == 2 and min(grey[0]) > 0
     with pytest.raises(JobInputError, match="use_classes"):
         HET.run(HET.params(use_classes=[3]), {"particles": ps, "volumes": vols_final}, _ctx(root, "bad", events))
 
