@@ -49,6 +49,7 @@ from kernels.phantom import (
     base_state,
     blob_images,
     disk_signal_variance,
+    hinge_angle_for,
     hinge_motion,
     make_phantom,
     noise_weighted_power,
@@ -86,7 +87,9 @@ class Preset:
     sigma_px: tuple[float, float] = (1.0, 1.6)
     state_fractions: tuple[float, ...] = (1.0,)
     state_move_A: float = 8.0
+    state_move_outward: bool = False
     motion_max_deg: float = 0.0
+    motion_rms_A: float = 0.0
     junk_noise_fraction: float = 0.0
     junk_blob_fraction: float = 0.0
     duplicate_fraction: float = 0.0
@@ -99,15 +102,24 @@ class Preset:
     def n_states(self) -> int:
         return len(self.state_fractions)
 
+    @property
+    def has_motion(self) -> bool:
+        return self.motion_max_deg > 0 or self.motion_rms_A > 0
+
 
 PRESETS: dict[str, Preset] = {
     # The demo has a rigid core (3 of 6 domains) beside the missing, moved and hinged domains: with
     # 4 domains (1 rigid) at SNR 0.1 and an 8 Å move, poses searched against the TRUE state maps
     # were 9° off (median) and the states separated at ARI 0.64 (aligned, box 24; 0.81 at 48),
     # so no pipeline could meet the demo's ARI >= 0.8. Here: 3.0° and 0.89 (session 15 note).
+    # State 2 moves its domain outward and the hinge is set by its displacement (13.5 Å rms between
+    # the ends), so every realization (seed) is the same design: with a fixed 20° hinge and a fixed
+    # move direction the hinge moved 11-27 Å by phantom, and on seeds whose hinge matched the state-2
+    # change (3) or whose move turned the states' best superposition (0) 3D classification or 3DVA
+    # failed (bench/RESULTS.md, session 22).
     "demo": Preset(
         n_particles=6000, box=64, pixel_size=3.0, n_micrographs=30, snr=0.2, n_atoms=300, n_domains=6,
-        state_fractions=(0.45, 0.30, 0.25), state_move_A=16.0, motion_max_deg=20.0,
+        state_fractions=(0.45, 0.30, 0.25), state_move_A=16.0, state_move_outward=True, motion_rms_A=13.5,
         junk_noise_fraction=0.04, junk_blob_fraction=0.04, duplicate_fraction=0.03,
     ),
     "tiny": Preset(
@@ -151,9 +163,17 @@ class _Plan:
 def _model(p: Preset, seed: int) -> _Model:
     ph = make_phantom(p.box, np.random.default_rng([seed, 0]), p.n_atoms, p.n_domains,
                       sigma_px=p.sigma_px)
-    move = np.array([1.0, -1.0, 0.5]) / np.sqrt(2.25) * p.state_move_A / p.pixel_size
+    if p.state_move_outward:
+        out = ph.centres[2] - np.delete(ph.centres, 2, axis=0).mean(axis=0)
+        move = out / np.linalg.norm(out) * p.state_move_A / p.pixel_size
+    else:
+        move = np.array([1.0, -1.0, 0.5]) / np.sqrt(2.25) * p.state_move_A / p.pixel_size
     candidates = [base_state(ph), state_without(ph, 1), state_moved(ph, 2, move)]
-    motion = hinge_motion(ph, 3, p.motion_max_deg) if p.motion_max_deg > 0 else None
+    motion = None
+    if p.motion_rms_A > 0:
+        motion = hinge_motion(ph, 3, hinge_angle_for(ph, 3, p.motion_rms_A, p.pixel_size))
+    elif p.motion_max_deg > 0:
+        motion = hinge_motion(ph, 3, p.motion_max_deg)
     return _Model(phantom=ph, states=candidates[: p.n_states], motion=motion)
 
 
@@ -177,7 +197,7 @@ def _plan(p: Preset, seed: int) -> _Plan:
         np.repeat(np.arange(p.n_states), _exact_counts(len(good), list(p.state_fractions)))
     )
     t = np.zeros(n)
-    if p.motion_max_deg > 0:
+    if p.has_motion:
         t[good] = rng.uniform(-1.0, 1.0, len(good))
     R = random_rotations(n, rng)
     shift = np.clip(rng.normal(0.0, p.shift_sd_px, (n, 2)), -p.shift_max_px, p.shift_max_px)
@@ -384,7 +404,7 @@ def _oracle_summary(p: Preset, plan: _Plan, d2: np.ndarray, q: np.ndarray) -> di
         out["d2_median"] = pairs
         out["pairwise_bayes_accuracy_nearest"] = float(
             ndtr(np.sqrt(others.min(axis=1)) / 2).mean())
-    if p.motion_max_deg > 0:
+    if p.has_motion:
         var_t = float(plan.t[good].var())
         out["q_median"] = float(np.median(q[good]))
         out["rho_oracle"] = float(np.sqrt(var_t / (var_t + np.mean(1.0 / q[good]))))

@@ -12,6 +12,7 @@ from kernels.phantom import (
     apply_ctf,
     base_state,
     disk_signal_variance,
+    hinge_angle_for,
     hinge_motion,
     make_phantom,
     noise_weighted_power,
@@ -129,6 +130,18 @@ def test_states_motion_and_difference_projection() -> None:
     perp1 = d1[0] - np.outer(d1[0] @ motion.axis, motion.axis)
     cos = (perp0 * perp1).sum(1) / np.linalg.norm(perp0, axis=1) / np.linalg.norm(perp1, axis=1)
     assert np.allclose(np.degrees(np.arccos(np.clip(cos, -1, 1))), abs(20.0 * t[0]), atol=1e-6)
+
+
+def test_hinge_angle_for_a_displacement() -> None:
+    """The angle from hinge_angle_for moves the domain's atoms by the asked rms displacement (Å)
+    between t = -1 and +1."""
+    ph = make_phantom(48, np.random.default_rng(5), n_atoms=120)
+    angle = hinge_angle_for(ph, 3, 12.0, 3.0)
+    motion = hinge_motion(ph, 3, angle)
+    ends = particle_atoms(ph, [base_state(ph)], np.zeros(2, int), np.array([-1.0, 1.0]), motion).positions
+    d = np.linalg.norm(ends[1] - ends[0], axis=1)[motion.mask] * 3.0
+    assert 0 < angle < 90
+    assert np.isclose(np.sqrt((d**2).mean()), 12.0, rtol=1e-9)
 
 
 @pytest.mark.parametrize("radius", [10.0, 14.0])
