@@ -371,7 +371,7 @@ JOB = JobType(
     params=Params,
     inputs={},
     outputs={"particles": ParticleSet},
-    version=3,
+    version=4,  # 4: the demo source's design (session 22)
     run=run,
     summary="Import RELION STAR / cryoSPARC .cs particles and their MRC stacks, or extract "
     "particles from micrographs with coordinates and CTF, as a ParticleSet",
