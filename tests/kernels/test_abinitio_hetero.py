@@ -157,19 +157,14 @@ def test_abinitio_three_states_then_hetero(states: Set3D, truth_hetero: ht.Assig
     assert err <= ref + 2.0
 
 
-def _hetero_settings(K: int) -> ht.Settings:
-    """At most 8 O-EM iterations of 100 particles per class from maps low-passed to 30 Å, then
-    one full pass."""
-    return ht.Settings(n_classes=K, D=D, pixel_size=A, r_max=R_MAX, r_init=round(D * A / 30), batch_per_class=100,
-                       n_random_iters=0, max_oem_iters=8, lr_init=0.5, n_full_iters=1, shift_extent_px=2.0)
-
-
 def _hetero(s: Set3D, maps: np.ndarray) -> ht.Assignment:
-    """Hetero refinement of all of s from ``maps`` (K, D, D, D) (``_hetero_settings``); the final
-    assignment."""
+    """Hetero refinement of all of s from ``maps`` (K, D, D, D) low-passed to 30 Å: at most 8
+    O-EM iterations of 100 particles per class, then one full pass; the final assignment."""
     idx = np.arange(len(s.state))
     band = Band(D, R_MAX)
-    st = _hetero_settings(maps.shape[0])
+    st = ht.Settings(n_classes=maps.shape[0], D=D, pixel_size=A, r_max=R_MAX, r_init=round(D * A / 30),
+                     batch_per_class=100, n_random_iters=0, max_oem_iters=8, lr_init=0.5, n_full_iters=1,
+                     shift_extent_px=2.0)
     het = ht.HeteroRefine(st, np, idx.size, 0)
     het.initialise(maps, s.load)
     for t in range(st.max_oem_iters):

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from sim3d import Set3D, simulate
 
+from kernels.align3d import SearchResult
 from kernels.fourier import Band
 from kernels.greyscale import match_greyscale
+from kernels.projection import VolumeFT
 from kernels.refine3d import expectation, plan_for
 
 D, A, R_INIT = 24, 8.0, 6
@@ -27,7 +29,7 @@ def _factor(data: tuple, vol: np.ndarray) -> float:
     s, X, C, band, sigma2 = data
     plan = plan_for(R_INIT, 2.0)
 
-    def search(vft):
+    def search(vft: VolumeFT) -> SearchResult:
         return expectation(X, C, sigma2, band, [vft], np.zeros(1), plan).result
 
     return match_greyscale(X, C, band, vol, None, sigma2, search, np.random.default_rng(0))[0]
