@@ -331,7 +331,7 @@ def summary(workflow: Path, set_: SetOpt = None, project: ProjectOpt = None, jso
         return
     table = Table("job", "type", "result", "check", "time", title=f"{wf.name} on the demo dataset vs truth")
     for r in rows:
-        colour = "green" if r.check.startswith("PASS") else "red"
+        colour = {"PASS": "green", "FAIL": "red"}.get(r.check.split(" ")[0], "default")
         table.add_row(r.job, r.type, r.result, f"[{colour}]{r.check}[/]" if r.check else "",
                       "" if r.seconds is None else f"{r.seconds:.0f} s")
     Console(soft_wrap=True, width=max(out.width, 160)).print(table)

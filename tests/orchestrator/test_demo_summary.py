@@ -52,6 +52,7 @@ def test_classes_and_latents(dataset: tuple[Path, ParticleTables, ds.Truth]) -> 
     ps = _set(root, tables, df, "classes.star")
     text, ari = ds._classes(read_tables(ps, root), rows, truth)
     assert ari == pytest.approx(1.0) and "junk 100%" in text
+    assert (ds._separation(ari), ds._separation(0.5)) == ("ARI >= 0.8", "ARI < 0.8")  # no verdict of its own
     text, corr = ds._latents(read_tables(ps, root), rows, truth)
     assert corr == pytest.approx(1.0) and text.startswith("|corr(latent k, t)| = 1.000, 0.")
     assert text.endswith("(best: latent 1)")
