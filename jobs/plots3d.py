@@ -14,17 +14,29 @@ def _norm(img: np.ndarray) -> np.ndarray:
     return np.clip((img - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(img)
 
 
-def map_views(maps: Sequence[np.ndarray], labels: Sequence[str]) -> Figure:
-    """One row per map: projections along z, y, x and the central z, y, x slices."""
+def _signed(img: np.ndarray) -> np.ndarray:
+    """img / its 99.5th |value| percentile, clipped to [-1, 1]: 0 stays 0."""
+    top = np.percentile(np.abs(img), 99.5)
+    return np.clip(img / top, -1, 1) if top > 0 else np.zeros_like(img)
+
+
+def map_views(maps: Sequence[np.ndarray], labels: Sequence[str], signed: Sequence[bool] | None = None) -> Figure:
+    """One row per map: projections along z, y, x and the central z, y, x slices. Rows flagged in
+    ``signed`` (difference maps, e.g. 3DVA components) are drawn on a scale symmetric about 0
+    (blue negative, white 0, red positive), the others in grey from their 1st to 99.5th percentile."""
     n = len(maps)
+    signed = [False] * n if signed is None else list(signed)
     fig = Figure(figsize=(7.5, 1.35 * n + 0.4))
     titles = ["proj z", "proj y", "proj x", "slice z", "slice y", "slice x"]
-    for i, (v, lab) in enumerate(zip(maps, labels, strict=True)):
+    for i, (v, lab, sign) in enumerate(zip(maps, labels, signed, strict=True)):
         c = v.shape[0] // 2
         panels = [v.sum(0), v.sum(1), v.sum(2), v[c], v[:, c], v[:, :, c]]
         for j, img in enumerate(panels):
             ax = fig.add_subplot(n, 6, 6 * i + j + 1)
-            ax.imshow(_norm(img), cmap="gray", origin="lower")
+            if sign:
+                ax.imshow(_signed(img), cmap="RdBu_r", vmin=-1, vmax=1, origin="lower")
+            else:
+                ax.imshow(_norm(img), cmap="gray", origin="lower")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

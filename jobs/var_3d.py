@@ -240,8 +240,9 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     volumes = VolumeSet(volumes=[v.model_copy(update={"mask": ctx.ref(mask_path)}) for v in vols], box=ps.box,
                         pixel_size=ps.pixel_size,
                         summary={"num_components": K, "eigenvalues": [float(x) for x in variance]})
-    ctx.plot("components", plots3d.map_views([mean, *comps], ["mean"] + [f"component {k + 1}" for k in range(K)]),
-             caption="Mean and components: projections and central slices")
+    ctx.plot("components", plots3d.map_views([mean, *comps], ["mean"] + [f"component {k + 1}" for k in range(K)],
+                                             signed=[False] + [True] * K),
+             caption="Mean (grey) and components (blue negative, red positive): projections and central slices")
     ctx.plot("latents", latent_figure(eng.z), caption="Latent coordinates (posterior means)")
     ctx.plot("convergence", _convergence(eng.history), caption="Eigenvalues, subspace change and log-likelihood gain "
                                                                 "per iteration")
