@@ -47,6 +47,31 @@ def map_views(maps: Sequence[np.ndarray], labels: Sequence[str], signed: Sequenc
     return fig
 
 
+def series_montage(maps: Sequence[np.ndarray], rows: int, labels: Sequence[str]) -> Figure:
+    """Maps of ``rows`` equal series (3DVA frames along a component, or clusters), one series per
+    row pair: projections along z in grey on the series' common scale, and below them each
+    projection minus the series' mean projection on a scale symmetric about 0 (blue less, red
+    more density), so that what moves along the series is seen."""
+    cols = -(-len(maps) // rows)
+    fig = Figure(figsize=(min(1.0 * cols, 20.0), 2.05 * rows + 0.3))
+    for r in range(rows):
+        proj = np.stack([v.sum(axis=0) for v in maps[r * cols:(r + 1) * cols]])
+        shown = [(_norm(proj), "gray", (0, 1), labels[r]),
+                 (_signed(proj - proj.mean(axis=0)), "RdBu_r", (-1, 1), f"{labels[r]} - mean")]
+        for half, (imgs, cmap, (lo, hi), label) in enumerate(shown):
+            for c, img in enumerate(imgs):
+                ax = fig.add_subplot(2 * rows, cols, (2 * r + half) * cols + c + 1)
+                ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, origin="lower")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c == 0:
+                    ax.set_ylabel(label, fontsize=7)
+                if half == 0:
+                    ax.set_title(str(c + 1), fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
 def fsc_curves(curves: Sequence[np.ndarray], labels: Sequence[str], box: int, pixel_size: float,
                thresholds: Sequence[float] = (0.143,)) -> Figure:
     """FSC against resolution (1/Å) with the threshold lines."""

@@ -18,9 +18,10 @@ Modes (`output_mode`):
 Outputs: `volumes` (frames component by component, or clusters; reconstructed maps carry their
 half-map FSC table) and `particles` (rlnClassNumber: the cluster (cluster mode) or the nearest
 frame along the first chosen component; rlnMaxValueProbDistribution: the cluster probability in
-cluster mode). Plots: frame montage and latents coloured by cluster / frame. Metrics: frame_range (first and last
-centre per chosen component), map_particles (summed weight per reconstructed map, one series per
-component), cluster_sizes and gmm_log_likelihood.
+cluster mode). Plots: frame montage (projections, and their difference from the series' mean),
+latents coloured by cluster / frame. Metrics: frame_range (first and last centre per chosen
+component), map_particles (summed weight per reconstructed map, one series per component),
+cluster_sizes and gmm_log_likelihood.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import re
 from typing import Any, Literal
 
 import numpy as np
-from matplotlib.figure import Figure
 from pydantic import Field, field_validator
 
+from jobs import plots3d
 from jobs.artifacts import Mask, ParticleSet, VolumeSet
 from jobs.base import JobParams, JobType, Slot
 from jobs.context import JobContext
@@ -79,24 +80,6 @@ def _latents(tables: ParticleTables, K: int) -> np.ndarray:
     if not np.isfinite(z).all():
         raise JobInputError(f"{tables.source}: latent columns hold non-finite values")
     return z
-
-
-def _montage(maps: list[np.ndarray], rows: int, labels: list[str]) -> Figure:
-    """Projections along z of maps laid out in ``rows`` rows (row labels ``labels``)."""
-    cols = -(-len(maps) // rows)
-    fig = Figure(figsize=(min(1.0 * cols, 20.0), 1.05 * rows + 0.3))
-    for i, v in enumerate(maps):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        img = v.sum(axis=0)
-        lo, hi = np.percentile(img, [1.0, 99.5])
-        ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-30), 0, 1), cmap="gray", origin="lower")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i % cols == 0:
-            ax.set_ylabel(labels[i // cols], fontsize=7)
-        ax.set_title(str(i % cols + 1), fontsize=6)
-    fig.tight_layout()
-    return fig
 
 
 def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
@@ -179,8 +162,8 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     df = tables.particles.assign(rlnClassNumber=labels + 1, **extra)
     particles = write_particle_star(ctx, "particles", ParticleTables(optics=tables.optics, particles=df,
                                                                     source=tables.source), ps)
-    ctx.plot("frames", _montage([m.map for m in maps_out], len(row_labels), row_labels),
-             caption=f"{mode}: projections of the {name}s")
+    ctx.plot("frames", plots3d.series_montage([m.map for m in maps_out], len(row_labels), row_labels),
+             caption=f"{mode}: projections of the {name}s along z, and minus their mean")
     ctx.plot("latents", latent_figure(z, labels), caption=f"Latents coloured by {name}")
     ctx.metric("frame_range", [float(x) for f in frames for x in (f.centres[0], f.centres[-1])])
     ctx.log.info(f"{mode}: {len(maps_out)} maps of box {box} at {pixel:.3g} Å/px from {N} particles")

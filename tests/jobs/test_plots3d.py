@@ -19,3 +19,19 @@ def test_signed_rows_keep_zero_and_sign() -> None:
     np.testing.assert_allclose(comp, -neg)
     assert comp[0, 0] == 0.0 and grey.min() >= 0.0  # empty voxel at the centre of the signed scale
     assert comp[5, 5] == 1.0 and comp[10, 10] < 0.0
+
+
+def test_series_montage_shows_what_moves() -> None:
+    """Two series of two frames: a blob that moves is red where it is and blue where it was; a
+    series that does not change has an empty difference row."""
+    a = np.zeros((16, 16, 16), np.float32)
+    a[6:9, 3:6, 3:6] = 1.0
+    b = np.roll(a, 8, axis=2)
+    fig = plots3d.series_montage([a, b, a, a], 2, ["moves", "still"])
+    axes = fig.get_axes()
+    grid = [[np.asarray(axes[2 * row + c].images[0].get_array()) for c in range(2)] for row in range(4)]
+    assert [axes[2 * row].get_ylabel() for row in range(4)] == ["moves", "moves - mean", "still", "still - mean"]
+    np.testing.assert_array_equal(grid[0][1], np.roll(grid[0][0], 8, axis=1))  # one grey scale per series
+    first, second = grid[1]
+    assert first[4, 4] == 1.0 and first[4, 12] == -1.0 and second[4, 12] == 1.0
+    assert np.abs(grid[3][0]).max() == 0.0 and grid[2][0].max() == 1.0
