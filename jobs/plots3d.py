@@ -1,5 +1,6 @@
-"""Figures of 3D maps (ab_initio, hetero_refine, ...): central slices and projections of K
-maps, FSC curves, class fractions over iterations. matplotlib Agg, no pyplot state."""
+"""Figures of 3D maps (ab_initio, hetero_refine, var_3d, ...): central slices and projections of K
+maps, montages of map series with their differences from the series' mean, FSC curves, class
+fractions over iterations. matplotlib Agg, no pyplot state."""
 
 from __future__ import annotations
 
