@@ -58,6 +58,17 @@ def run_seed(workflow: Path, seed: int, root: Path, sets: list[str]) -> tuple[in
     return seed, wall, json.loads(summ.stdout)
 
 
+def _verdict(row: dict) -> str:
+    """'PASS ' / 'FAIL ' of a summary row's check, '' for the ARI cell of a classification job."""
+    word = row["check"].split()[0]
+    return f"{word} " if word in ("PASS", "FAIL") else ""
+
+
+def _cell(row: dict) -> str:
+    """A checked row's table cell: verdict and number, or the check text without a number."""
+    return row["check"] if row["value"] is None else f"{_verdict(row)}{row['value']:.3f}"
+
+
 def table(results: list[tuple[int, float, list[dict] | str]]) -> str:
     """Markdown table: one row per seed, one column per checked job (module doc)."""
     jobs: list[str] = []
@@ -71,10 +82,8 @@ def table(results: list[tuple[int, float, list[dict] | str]]) -> str:
             lines.append(f"| {seed} | failed: {rows} |")
             continue
         checked = [r for r in rows if r["check"]]
-        verdicts = [r for r in checked if r["check"].split()[0] in ("PASS", "FAIL")]
-        cells = {r["job"]: r["check"] if r["value"] is None else
-                 f"{r['check'].split()[0] + ' ' if r in verdicts else ''}{r['value']:.3f}" for r in checked}
-        ok = all(r["check"].startswith("PASS") for r in verdicts)
+        cells = {r["job"]: _cell(r) for r in checked}
+        ok = all(_verdict(r) == "PASS " for r in checked if _verdict(r))
         row = " | ".join(cells.get(j, "") for j in jobs)
         lines.append(f"| {seed} | {row} | {'yes' if ok else 'no'} | {wall:.0f} |")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ fractions over iterations. matplotlib Agg, no pyplot state."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -21,6 +22,14 @@ def _signed(img: np.ndarray) -> np.ndarray:
     return np.clip(img / top, -1, 1) if top > 0 else np.zeros_like(img)
 
 
+def _show(ax: Any, img: np.ndarray, signed: bool) -> None:
+    """Draw an image scaled by ``_signed`` (blue-white-red on [-1, 1]) or ``_norm`` (grey on
+    [0, 1]) on a panel without ticks."""
+    ax.imshow(img, cmap="RdBu_r" if signed else "gray", vmin=-1 if signed else 0, vmax=1, origin="lower")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def map_views(maps: Sequence[np.ndarray], labels: Sequence[str], signed: Sequence[bool] | None = None) -> Figure:
     """One row per map: projections along z, y, x and the central z, y, x slices. Rows flagged in
     ``signed`` (difference maps, e.g. 3DVA components) are drawn on a scale symmetric about 0
@@ -34,12 +43,7 @@ def map_views(maps: Sequence[np.ndarray], labels: Sequence[str], signed: Sequenc
         panels = [v.sum(0), v.sum(1), v.sum(2), v[c], v[:, c], v[:, :, c]]
         for j, img in enumerate(panels):
             ax = fig.add_subplot(n, 6, 6 * i + j + 1)
-            if sign:
-                ax.imshow(_signed(img), cmap="RdBu_r", vmin=-1, vmax=1, origin="lower")
-            else:
-                ax.imshow(_norm(img), cmap="gray", origin="lower")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _show(ax, _signed(img) if sign else _norm(img), sign)
             if i == 0:
                 ax.set_title(titles[j], fontsize=7)
             if j == 0:
@@ -57,14 +61,11 @@ def series_montage(maps: Sequence[np.ndarray], rows: int, labels: Sequence[str])
     fig = Figure(figsize=(min(1.0 * cols, 20.0), 2.05 * rows + 0.3))
     for r in range(rows):
         proj = np.stack([v.sum(axis=0) for v in maps[r * cols:(r + 1) * cols]])
-        shown = [(_norm(proj), "gray", (0, 1), labels[r]),
-                 (_signed(proj - proj.mean(axis=0)), "RdBu_r", (-1, 1), f"{labels[r]} - mean")]
-        for half, (imgs, cmap, (lo, hi), label) in enumerate(shown):
+        shown = [(_norm(proj), labels[r]), (_signed(proj - proj.mean(axis=0)), f"{labels[r]} - mean")]
+        for half, (imgs, label) in enumerate(shown):
             for c, img in enumerate(imgs):
                 ax = fig.add_subplot(2 * rows, cols, (2 * r + half) * cols + c + 1)
-                ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, origin="lower")
-                ax.set_xticks([])
-                ax.set_yticks([])
+                _show(ax, img, signed=half == 1)
                 if c == 0:
                     ax.set_ylabel(label, fontsize=7)
                 if half == 0:
