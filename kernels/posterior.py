@@ -36,12 +36,12 @@ class Logits:
     def __call__(self, diff2: Any, r0: int) -> Any:
         xp = xp_of(diff2)
         l = -diff2 if self.temperature == 1.0 else diff2 * np.float32(-1.0 / self.temperature)
-        if self.log_prior_t is not None:
+        if self.log_prior_t is not None:  # l is a new array: the priors are added in place
             lt = xp.asarray(self.log_prior_t, dtype=xp.float32)
-            l = l + (lt[None, :, None] if lt.ndim == 1 else lt[:, :, None])
+            l += lt[None, :, None] if lt.ndim == 1 else lt[:, :, None]
         if self.log_prior_r is not None:
             lr = xp.asarray(self.log_prior_r, dtype=xp.float32)[..., r0 : r0 + diff2.shape[2]]
-            l = l + (lr[None, None, :] if lr.ndim == 1 else lr[:, None, :])
+            l += lr[None, None, :] if lr.ndim == 1 else lr[:, None, :]
         return l
 
 
