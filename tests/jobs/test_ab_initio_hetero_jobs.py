@@ -1,6 +1,6 @@
 """ab_initio and hetero_refine jobs: contract (outputs, columns, maps with voxel size, half maps
 and FSC tables, plots, metrics, checkpoints and resume, input errors) on a tiny simulated set
-(tests/kernels/sim3d.py). Accuracy is tested on the engines (tests/kernels/test_abinitio_hetero.py)."""
+(tests/kernels/sim3d.py). Accuracy is tested on the engines (tests/kernels/test_abinitio.py, test_hetero.py)."""
 
 from __future__ import annotations
 

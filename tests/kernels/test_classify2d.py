@@ -404,6 +404,7 @@ def test_t5_annealing_ablation() -> None:
         assert n[2.0] >= n[1.0]
 
 
+@pytest.mark.slow
 def test_sigma_annealing_off_keeps_low_contrast_junk() -> None:
     """The seed's report: 10% low-contrast junk ("gold edges" at 0.4 x the particles' signal)
     beside a dominant view (50%), K = 5 (4 views + 1 spare). A junk class survives (>= 90%
