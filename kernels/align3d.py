@@ -227,16 +227,17 @@ def _score_sets(batch: _Batch, shifts_px: np.ndarray, P: Any) -> Any:
     Y, ctf2w = parts.Y.reshape(B, T, 2 * nF), parts.ctf2w[::T]
     d = xp.empty((B, T, S), dtype=xp.float32)
     norm = xp.empty((B, S))
-    step = B if xp is not np else _SCORE_ROWS  # per-particle products: rows of a few particles stay in cache
+    step = max(B, 1) if xp is not np else _SCORE_ROWS  # per-particle products: blocks of a few stay in cache
     for b in range(0, B, step):
-        rows = slice(b, b + step)
-        neg = xp.empty((P[rows].shape[0], S, 2 * nF), dtype=xp.float32)
-        xp.negative(P[rows].real, out=neg[..., :nF])
-        xp.negative(P[rows].imag, out=neg[..., nF:])
-        d[rows] = xp.matmul(Y[rows], neg.transpose(0, 2, 1))
+        blk = slice(b, b + step)
+        p = P[blk]
+        neg = xp.empty((p.shape[0], S, 2 * nF), dtype=xp.float32)
+        xp.negative(p.real, out=neg[..., :nF])
+        xp.negative(p.imag, out=neg[..., nF:])
+        xp.matmul(Y[blk], neg.transpose(0, 2, 1), out=d[blk])
         sq = xp.square(neg, dtype=xp.float64)
         sq = sq[..., :nF] + sq[..., nF:]
-        norm[rows] = xp.matmul(ctf2w[rows, None, :], sq.transpose(0, 2, 1))[:, 0, :]
+        norm[blk] = xp.matmul(ctf2w[blk, None, :], sq.transpose(0, 2, 1))[:, 0, :]
     d += (parts.half_norm[::T][:, None] + 0.5 * norm).astype(xp.float32)[:, None, :]
     return d
 

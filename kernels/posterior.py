@@ -35,8 +35,10 @@ class Logits:
 
     def __call__(self, diff2: Any, r0: int) -> Any:
         xp = xp_of(diff2)
-        lt = None if self.log_prior_t is None else xp.asarray(self.log_prior_t, dtype=xp.float32)
-        lt = None if lt is None else lt[None, :, None] if lt.ndim == 1 else lt[:, :, None]
+        lt = None
+        if self.log_prior_t is not None:
+            lt = xp.asarray(self.log_prior_t, dtype=xp.float32)
+            lt = lt[None, :, None] if lt.ndim == 1 else lt[:, :, None]
         if self.temperature == 1.0:  # lt - diff2 = -diff2 + lt exactly, in one pass
             l = -diff2 if lt is None else lt - diff2
         else:

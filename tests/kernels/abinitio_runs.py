@@ -26,7 +26,7 @@ def states_set() -> Set3D:
     return simulate([200, 200, 200], D=D, pixel_size=A, snr=3.0, seed=1)
 
 
-def oracle_ari(s: Set3D, n: int = 300) -> tuple[float, float]:
+def oracle_scores(s: Set3D, n: int = 300) -> tuple[float, float]:
     """(ARI, median angular error deg) of one E-step against the true maps."""
     band = Band(D, R_MAX)
     idx = np.arange(n)

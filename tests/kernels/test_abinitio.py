@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from abinitio_runs import R_MAX, SNR, A, D, run_abinitio, separation, states_set
+from abinitio_runs import R_MAX, SNR, A, D, run_abinitio, separation
 from sim3d import Set3D, simulate, simulate_structures
 
 from kernels import abinitio as ab
@@ -29,11 +29,6 @@ def _shell(curve: np.ndarray, level: float) -> int:
 @pytest.fixture(scope="module")
 def homogeneous() -> Set3D:
     return simulate([600], D=D, pixel_size=A, snr=SNR, seed=3)
-
-
-@pytest.fixture(scope="module")
-def states() -> Set3D:
-    return states_set()
 
 
 @pytest.mark.slow

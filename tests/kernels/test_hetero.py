@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from abinitio_runs import R_MAX, A, D, oracle_ari, run_abinitio, run_hetero, separation, states_set
+from abinitio_runs import R_MAX, A, D, oracle_scores, run_abinitio, run_hetero, separation
 from sim3d import Set3D, simulate
 
 from kernels import hetero as ht
@@ -19,11 +19,6 @@ from kernels.fourier import Band, lowpass
 from kernels.projection import prepare_volume
 from kernels.refine3d import expectation, plan_for
 from kernels.rotations import angular_distance_deg, errors_in_class_frames
-
-
-@pytest.fixture(scope="module")
-def states() -> Set3D:
-    return states_set()
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +31,8 @@ def truth_hetero(states: Set3D) -> ht.Assignment:
 def test_abinitio_three_states_then_hetero(states: Set3D, truth_hetero: ht.Assignment) -> None:
     """Issue 5's pipeline on the 3-state set (full / one domain removed / one domain moved;
     3 x 200, SNR 3; oracle ARI 0.90): ab-initio K = 3 from random starts with the job's
-    default lengths (30 + 8 + 30), then hetero refinement (the settings of the test above) from
-    its three maps. Ab-initio: ARI >= 0.8 (A3's bound), fractions 1/3 +- 0.05, each class map
+    default lengths (30 + 8 + 30), then hetero refinement (``run_hetero``'s settings) from its
+    three maps. Ab-initio: ARI >= 0.8 (A3's bound), fractions 1/3 +- 0.05, each class map
     correlates >= 0.9 with its state; hetero: ARI within 0.05 of the oracle, median pose error
     (each class in its own frame: ab-initio maps have their own) within 2 deg of hetero's from
     the true maps (measured the same way; per class 5.6 / 10.1 / 6.4 deg from the truth, 6.6 /
@@ -55,7 +50,7 @@ def test_abinitio_three_states_then_hetero(states: Set3D, truth_hetero: ht.Assig
     assert score >= 0.8
     assert np.abs(fractions - 1 / 3).max() <= 0.05
     assert match.min() >= 0.9
-    oracle, _ = oracle_ari(states)
+    oracle, _ = oracle_scores(states)
     out = run_hetero(states, np.asarray(eng.vols))
     h_score = ari(out.cls, states.state)
     err = float(np.median(errors_in_class_frames(out.R, states.R, out.cls)))
@@ -70,7 +65,7 @@ def test_hetero_from_lowpassed_truth(states: Set3D, truth_hetero: ht.Assignment)
     """Hetero refinement from the true state maps low-passed to 30 Å (§7.3 E1 (b)): ARI within
     0.05 of the oracle, median pose error within 3 deg of the oracle's, class fractions within
     0.05 of the truth."""
-    oracle, oracle_err = oracle_ari(states)
+    oracle, oracle_err = oracle_scores(states)
     out = truth_hetero
     score = ari(out.cls, states.state)
     err = float(np.median(angular_distance_deg(out.R, states.R)))
