@@ -2,10 +2,12 @@
 the linear set of tests/kernels/test_var3d.py (D = 24 at 8 Å/px, 1,500 particles, SNR 2, one of
 four domains changes by t ~ U[-1, 1]), with the true rotations turned in the body frame by
 random errors (N(0, noise) per axis) alone, or plus a rotation omega x t_i about one fixed axis, as
-a rigid consensus that partly aligns a moving domain away makes (bench/RESULTS.md, session 23).
+a rigid consensus that partly aligns a moving domain away makes (bench/RESULTS.md, session 23);
+with --states 3 the particles get random labels and each label its own axis, as the demo's states
+whose consensus errors turn about different axes.
 
     .venv/bin/python bench/var3d_pose_errors.py [--change density|move] [--noise-deg 1.7]
-        [--omega-deg 0,3,6] [--pose-sd-deg 0,2]
+        [--omega-deg 0,3,6] [--pose-sd-deg 0,2] [--states 1|3]
 
 Rows: omega and var_3d's pose freedom (prior s.d. per axis; 0: fixed poses); columns: |corr(z_k, t)|
 of the three latents. A rotation linear in t is a linear change of the map in the consensus frame
@@ -30,8 +32,8 @@ from kernels import var3d as v3  # noqa: E402
 from kernels.rotations import rotvec_to_matrix  # noqa: E402
 
 D, A, R_MAX, FILTER_A, N = 24, 8.0, 10, 20.0, 1500
-#: Unit axis of the t-following rotation (body frame).
-AXIS = np.array([0.6, -0.64, 0.48])
+#: Unit axes (body frame) of the t-following rotation: the first for one state, all three for --states 3.
+AXES = np.array([[0.6, -0.64, 0.48], [0.0, 0.8, -0.6], [-0.8, 0.0, 0.6]])
 
 
 def latent_corr(R: np.ndarray, data: Set3D, t: np.ndarray, pose_sd_deg: float) -> np.ndarray:
@@ -51,15 +53,18 @@ def main() -> None:
     ap.add_argument("--noise-deg", type=float, default=1.7, help="random rotation error s.d. per axis (deg)")
     ap.add_argument("--omega-deg", default="0,3,6", help="rotation per unit t (deg), comma-separated")
     ap.add_argument("--pose-sd-deg", default="0,2", help="var_3d pose freedom (deg), comma-separated")
+    ap.add_argument("--states", type=int, choices=[1, 3], default=1, help="axes of the t-following rotation")
     args = ap.parse_args()
     kw = {"scale": 0.5} if args.change == "density" else {"move_px": (1.0, 0.5, 0.0)}
     lin = simulate_linear(N, D=D, pixel_size=A, snr=2.0, seed=1, **kw)
-    noise = np.random.default_rng(3).normal(0, np.deg2rad(args.noise_deg), (N, 3))
-    print(f"change: {args.change}; random errors {args.noise_deg} deg per axis\n")
+    rng = np.random.default_rng(3)
+    noise = rng.normal(0, np.deg2rad(args.noise_deg), (N, 3))
+    axis = AXES[rng.integers(0, args.states, N)]
+    print(f"change: {args.change}; random errors {args.noise_deg} deg per axis; {args.states} axes\n")
     print("| omega (deg per unit t) | pose freedom (deg) | \\|corr(z_k, t)\\|, k = 1, 2, 3 | s |")
     print("|---|---|---|---|")
     for omega in (float(x) for x in args.omega_deg.split(",")):
-        R = lin.data.R @ rotvec_to_matrix(np.deg2rad(omega) * AXIS[None] * lin.t[:, None] + noise)
+        R = lin.data.R @ rotvec_to_matrix(np.deg2rad(omega) * axis * lin.t[:, None] + noise)
         for sd in (float(x) for x in args.pose_sd_deg.split(",")):
             t0 = time.perf_counter()
             c = latent_corr(R, lin.data, lin.t, sd)
