@@ -35,16 +35,10 @@ class Logits:
 
     def __call__(self, diff2: Any, r0: int) -> Any:
         xp = xp_of(diff2)
-        lt = None
-        if self.log_prior_t is not None:
+        l = -diff2 if self.temperature == 1.0 else diff2 * np.float32(-1.0 / self.temperature)
+        if self.log_prior_t is not None:  # l is a new array: the priors are added in place
             lt = xp.asarray(self.log_prior_t, dtype=xp.float32)
-            lt = lt[None, :, None] if lt.ndim == 1 else lt[:, :, None]
-        if self.temperature == 1.0:  # lt - diff2 = -diff2 + lt exactly, in one pass
-            l = -diff2 if lt is None else lt - diff2
-        else:
-            l = diff2 * np.float32(-1.0 / self.temperature)
-            if lt is not None:  # l is a new array: the priors are added in place
-                l += lt
+            l += lt[None, :, None] if lt.ndim == 1 else lt[:, :, None]
         if self.log_prior_r is not None:
             lr = xp.asarray(self.log_prior_r, dtype=xp.float32)[..., r0 : r0 + diff2.shape[2]]
             l += lr[None, None, :] if lr.ndim == 1 else lr[:, None, :]

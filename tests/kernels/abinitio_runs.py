@@ -4,9 +4,8 @@ runs both files make and the measures they compare (algorithms.md §5.4, §7.3).
 
 from __future__ import annotations
 
-from itertools import permutations
-
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 from sim3d import Set3D, simulate
 
 from kernels import abinitio as ab
@@ -60,9 +59,9 @@ def separation(eng: ab.AbInitio, s: Set3D) -> tuple[float, np.ndarray, np.ndarra
     X, C = s.load(np.arange(len(s.state)), band)
     cls = eng.assign(X, C, band).p.argmax(1)
     K = s.maps.shape[0]
-    common = np.zeros((K, K), dtype=np.int64)
+    common = np.zeros((K, K), dtype=np.int64)  # K x K even when a class is empty (unlike clustering.contingency)
     np.add.at(common, (cls, s.state), 1)
-    state_of = max(permutations(range(K)), key=lambda p: common[np.arange(K), list(p)].sum())
+    _, state_of = linear_sum_assignment(common, maximize=True)
     match = np.array([align_volume(np.asarray(v), s.maps[j]).corr for v, j in zip(eng.vols, state_of, strict=True)])
     return ari(cls, s.state), np.bincount(cls, minlength=K) / cls.size, match
 
