@@ -14,6 +14,12 @@ The project is one that `make demo` (or `flow run` of a workflow on the `demo` d
   true rotations          the true rotations in each state's own frame, consensus shifts
   true rotations + shifts the same with the true shifts (in the consensus frame)
   true poses              the true rotations in the frame of all good particles, true shifts
+  shuffled errors         true rotations (own frames) turned by the own-frame rotation error of
+                          another particle of the same state (errors < 15 deg, permuted): the
+                          errors' sizes kept, their tie to each particle's image and t broken
+  errors' t-part          true rotations turned by the per-state least-squares fit of the error
+                          (rotation vector, body frame) on [1, t]: only what follows t
+  errors less t-part      true rotations turned by the error minus its t-dependent part
 Frames: ``kernels.rotations.best_frame`` (rotation and hand); centres: the 3D offset c whose
 projections R_i[:2] c best explain consensus shift minus true shift (least squares over
 particles with angular error < 15 deg). The mean V0 is reconstructed from each row's poses (a
@@ -43,11 +49,19 @@ from jobs.volumes import read_mask  # noqa: E402
 from jobs.working_set import WorkingSet, working_geometry  # noqa: E402
 from kernels import var3d as v3  # noqa: E402
 from kernels.backend import get_xp  # noqa: E402
-from kernels.rotations import angular_distance_deg, best_frame, mirror_rotations  # noqa: E402
+from kernels.rotations import (  # noqa: E402
+    angular_distance_deg,
+    best_frame,
+    matrix_to_rotvec,
+    mirror_rotations,
+    rotvec_to_matrix,
+)
 from orchestrator.demo_summary import Truth, latent_correlations  # noqa: E402
 from orchestrator.store import Store  # noqa: E402
 
 INLIER_DEG = 15.0
+#: Seed of the permutation of the "shuffled errors" row.
+SHUFFLE_SEED = 0
 
 
 def frame_of(R: np.ndarray, T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,10 +76,29 @@ def centre_of(R: np.ndarray, d: np.ndarray) -> np.ndarray:
     return c
 
 
-def pose_rows(R: np.ndarray, sh: np.ndarray, R_true: np.ndarray, sh_true: np.ndarray,
-              state: np.ndarray) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+def error_rows(R: np.ndarray, own_R: np.ndarray, state: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+    """Rotations (N, 3, 3) of the error-dissection rows (module doc) from consensus rotations R and
+    true rotations in each state's own frame own_R; particles off by >= 15 deg (and junk) keep R."""
+    err = matrix_to_rotvec(np.einsum("nji,njk->nik", own_R, R))  # R = own_R @ rotvec(err), body frame
+    off = np.degrees(np.linalg.norm(err, axis=1))
+    rng = np.random.default_rng(SHUFFLE_SEED)
+    out = {name: R.copy() for name in ("shuffled errors", "errors' t-part", "errors less t-part")}
+    for s in np.unique(state[state >= 0]):
+        m = np.flatnonzero((state == s) & (off < INLIER_DEG))
+        basis = np.stack([np.ones(m.size), t[m]], axis=1)
+        coef, *_ = np.linalg.lstsq(basis, err[m], rcond=None)
+        fit = basis @ coef
+        out["shuffled errors"][m] = own_R[m] @ rotvec_to_matrix(err[rng.permutation(m)])
+        out["errors' t-part"][m] = own_R[m] @ rotvec_to_matrix(fit)
+        out["errors less t-part"][m] = own_R[m] @ rotvec_to_matrix(err[m] - fit + coef[0])
+    return out
+
+
+def pose_rows(R: np.ndarray, sh: np.ndarray, R_true: np.ndarray, sh_true: np.ndarray, state: np.ndarray,
+              t: np.ndarray) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """The rows' (rotations (N, 3, 3), shifts (N, 2) px) and the per-state frame lines (module doc).
-    state (N,): true state, -1 for junk (junk keeps its consensus pose in every row)."""
+    state (N,): true state, -1 for junk (junk keeps its consensus pose in every row); t (N,): true
+    flexible-domain coordinate."""
     good = state >= 0
     G, mirrored = best_frame(R[good], R_true[good])
     T = mirror_rotations(R_true) if mirrored else R_true
@@ -91,6 +124,7 @@ def pose_rows(R: np.ndarray, sh: np.ndarray, R_true: np.ndarray, sh_true: np.nda
     rows = {"consensus": (R, sh), "state frames aligned": (aligned_R, aligned_sh),
             "true rotations": (own_R, sh), "true rotations + shifts": (own_R, true_sh),
             "true poses": (one_R, true_sh)}
+    rows.update({name: (rot, sh) for name, rot in error_rows(R, own_R, state, t).items()})
     return rows, lines
 
 
@@ -129,7 +163,7 @@ def main() -> None:
     D, a, r_max = working_geometry(ps.box, ps.pixel_size, params.target_resolution_A)
     R, sh = poses_3d(tables, a)
     state, t = truth.state[rows_t], truth.t[rows_t]
-    rows, lines = pose_rows(R, sh, truth.R[rows_t], truth.shift[rows_t] * ps.pixel_size / a, state)
+    rows, lines = pose_rows(R, sh, truth.R[rows_t], truth.shift[rows_t] * ps.pixel_size / a, state, t)
     with tempfile.TemporaryDirectory() as tmp:
         ctx = JobContext(name="var3d_ceiling", project_dir=store.project_dir, work_dir=Path(tmp), final_dir=Path(tmp))
         mask = read_mask(outs["mask"], ctx, D, a, "mask")
