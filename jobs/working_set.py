@@ -1,9 +1,18 @@
 """Particles at a working box: Fourier-cropped images, band data and CTFs, by index or streamed.
 
-Shared by the jobs that classify or refine particles (class_2d, ab_initio, hetero_refine). The
-working box D is the smallest even box whose Nyquist shell exceeds the band limit r_max =
-floor(box * pixel_size / max_res_A) (2 shells of margin), so the band limit is the maximum
-resolution; its pixel size is box * pixel_size / D. Only the requested particles are read.
+Shared by the jobs that classify or refine particles (class_2d, ab_initio, hetero_refine,
+homo_refine, class_3d, var_3d). The working box D is the smallest even box whose Nyquist shell
+exceeds the band limit r_max = floor(box * pixel_size / max_res_A) (2 shells of margin), so the
+band limit is the maximum resolution; its pixel size is box * pixel_size / D. Only the requested
+particles are read.
+
+Pre-read [I] (RELION's "Pre-read all particles into RAM?", here of the cropped transforms): when
+the transforms of all N particles at the working box, N x D x (D//2 + 1) complex64, fit in
+``PREREAD_FRACTION`` of ``backend.memory_budget_bytes`` (available RAM, or free GPU memory with
+CuPy), ``load`` keeps each particle's transform after its first read, so the iterations of a job
+read and crop every image once instead of once per pass (demo var_3d, 5,390 particles at box 30:
+~25 MB, and the per-pass reading and cropping was ~20% of the job). Larger sets stream as before;
+the values are the same either way (each image is transformed on its own).
 """
 
 from __future__ import annotations
@@ -21,10 +30,12 @@ from jobs.errors import JobInputError
 from jobs.io.mrc import StackReader
 from jobs.io.star import ParticleTables
 from jobs.particles import image_locations, iter_batches
-from kernels.backend import to_device
+from kernels.backend import memory_budget_bytes, to_device
 from kernels.ctf import ctf_2d
 from kernels.fourier import Band, fourier_crop, rfft2c
 
+#: Fraction of the memory budget the pre-read transforms may take (module doc).
+PREREAD_FRACTION = 0.2
 CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
                "rlnSphericalAberration", "rlnAmplitudeContrast")
 
@@ -42,7 +53,8 @@ class WorkingSet:
     """The particles of ``ps`` at working box D (pixel size Å) on array module xp.
 
     ``images(idx)`` -> (B, D, D) float32; ``band_data(images, band)`` -> X (B, nF) complex64;
-    ``ctf(idx, band)`` -> (B, nF) float32; ``stream(chunk)`` yields (indices, images) in STAR
+    ``ctf(idx, band)`` -> (B, nF) float32; ``load(idx, band)`` -> both, from the pre-read
+    transforms when they fit (module doc); ``stream(chunk)`` yields (indices, images) in STAR
     order with progress and cancellation through ctx.
     """
 
@@ -53,6 +65,11 @@ class WorkingSet:
         self._ctf = {c: tables.column(c).astype(np.float64) for c in CTF_COLUMNS}
         self._phase = (tables.column("rlnPhaseShift").astype(np.float64)
                        if tables.has("rlnPhaseShift") else np.zeros(len(tables)))
+        n, half = len(tables), D * (D // 2 + 1)
+        fits = n * half * 8 <= memory_budget_bytes(PREREAD_FRACTION)
+        #: pre-read transforms (N, D, D//2+1) complex64 and which rows hold one, or None (module doc)
+        self._fts = xp.empty((n, D, D // 2 + 1), dtype=xp.complex64) if fits else None
+        self._read = np.zeros(n if fits else 0, dtype=bool)
 
     def _crop(self, images: np.ndarray) -> Any:
         x = to_device(images, self.xp)
@@ -73,9 +90,21 @@ class WorkingSet:
                       amplitude_contrast=xp.asarray(c["rlnAmplitudeContrast"][idx]),
                       phase_shift_deg=xp.asarray(self._phase[idx]), band=band)
 
+    def transforms(self, idx: np.ndarray) -> Any:
+        """``rfft2c`` of the working-box images of particles idx (B, D, D//2+1) complex64, pre-read
+        when they fit (module doc)."""
+        xp = self.xp
+        if self._fts is None:
+            return rfft2c(xp.asarray(self.images(idx), dtype=xp.float32))
+        new = np.unique(idx[~self._read[idx]])
+        if new.size:
+            self._fts[xp.asarray(new)] = rfft2c(xp.asarray(self.images(new), dtype=xp.float32))
+            self._read[new] = True
+        return self._fts[xp.asarray(idx)]
+
     def load(self, idx: np.ndarray, band: Band) -> tuple[Any, Any]:
         """(X, C) of particles idx on ``band``."""
-        return self.band_data(self.images(idx), band), self.ctf(idx, band)
+        return band.gather(self.transforms(idx)), self.ctf(idx, band)
 
     def stream(self, chunk: int, label: str = "full pass") -> Iterator[tuple[np.ndarray, Any]]:
         n = self.ps.count
