@@ -18,8 +18,9 @@ The project is one that `make demo` (or `flow run` of a workflow on the `demo` d
                           another particle of the same state (errors < 15 deg, permuted): the
                           errors' sizes kept, their tie to each particle's image and t broken
   errors' t-part          true rotations turned by the per-state least-squares fit of the error
-                          (rotation vector, body frame) on [1, t]: only what follows t
-  errors less t-part      true rotations turned by the error minus its t-dependent part
+                          (rotation vector, body frame) on [1, t]: what follows t (and the mean)
+  errors less t-part      true rotations turned by the error minus the t term of that fit (the
+                          mean kept)
 Frames: ``kernels.rotations.best_frame`` (rotation and hand); centres: the 3D offset c whose
 projections R_i[:2] c best explain consensus shift minus true shift (least squares over
 particles with angular error < 15 deg). The mean V0 is reconstructed from each row's poses (a

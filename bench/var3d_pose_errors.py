@@ -80,12 +80,15 @@ def main() -> None:
     ap.add_argument("--change", choices=["density", "move"], default="density",
                     help="the domain's density x (1 + 0.5 t), or the domain moved by t x (1, 0.5, 0) px")
     ap.add_argument("--noise-deg", type=float, default=1.7, help="random rotation error s.d. per axis (deg)")
-    ap.add_argument("--omega-deg", default="0,3,6", help="rotation per unit t (deg), comma-separated")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--omega-deg", default="0,3,6", help="rotation per unit t (deg), comma-separated")
     ap.add_argument("--pose-sd-deg", default="0,2", help="var_3d pose freedom (deg), comma-separated")
     ap.add_argument("--states", type=int, choices=[1, 3], default=1, help="axes of the t-following rotation")
-    ap.add_argument("--fitted-bias", default="", help="factors c of the fitted, view-dependent bias instead of "
+    how.add_argument("--fitted-bias", default="", help="factors c of the fitted, view-dependent bias instead of "
                                                       "--omega-deg (module doc), comma-separated")
     args = ap.parse_args()
+    if args.fitted_bias and args.states != 1:
+        ap.error("--states sets the axes of --omega-deg; --fitted-bias has its own per particle")
     kw = {"scale": 0.5} if args.change == "density" else {"move_px": (1.0, 0.5, 0.0)}
     lin = simulate_linear(N, D=D, pixel_size=A, snr=2.0, seed=1, **kw)
     rng = np.random.default_rng(3)

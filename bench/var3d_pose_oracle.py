@@ -3,9 +3,10 @@ images? The §11.4 oracle rho = sqrt(var t / (var t + mean 1/q_i)), q_i = ||C P_
 assumes the true poses. A consensus refinement instead fits each particle's pose (3 rotation
 angles, 2 shifts) to its image, and whatever part of C P_i dV/dt lies in the span of the pose
 derivatives of the particle's own image is taken by the pose, not by the latent. In the linear
-regime with a flat pose prior, fitting the pose first (consensus) or jointly with the latent
-(var_3d's pose freedom) leaves the same information on t: q_perp,i = q_i - g_i^T G_i^{-1} g_i
-(g: inner products of the motion signal with the pose derivatives, G: their Gram matrix).
+regime with a flat pose prior, a fit of the pose against the particle's own map on this band,
+first (a consensus) or jointly with the latent (var_3d's pose freedom), leaves the information
+q_perp,i = q_i - g_i^T G_i^{-1} g_i on t (g: inner products of the motion signal with the pose
+derivatives, G: their Gram matrix; the motion derivative is taken at t = 0, as the §11.4 oracle's).
 
     .venv/bin/python bench/var3d_pose_oracle.py [--preset demo] [--seeds 0,1,...] [--res-A 14]
 
@@ -18,7 +19,7 @@ variance v = var t: rho^2 = mean_i w_i, w_i = q_i v / (1 + q_i v); the §11.4 fo
 for equal q_i and is lower when q_i varies, as views that hardly see the motion count fully in
 mean 1/q_i while a posterior mean shrinks their latents instead); `kept`: the
 median of q_perp / q; `crlb_deg`: the median Cramér-Rao bound on the rotation error (root of the
-trace of the rotations' block of the inverse pose information, deg). Good particles of all
+trace of the rotations' block of the inverse pose information with t known, deg). Good particles of all
 states; sigma^2 = 1 at the data's scale (SNR as simulated). The bound assumes the particle's own
 map is known: a consensus fitted against one average of the states may err more.
 """
@@ -42,7 +43,6 @@ from kernels.phantom import (  # noqa: E402
     disk_signal_variance,
     particle_atoms,
     project_atoms,
-    project_difference,
 )
 from kernels.rotations import rotvec_to_matrix  # noqa: E402
 
@@ -90,9 +90,9 @@ def information(vecs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def motion_information(p: sd.Preset, seed: int, res_list: list[float | None]
-                       ) -> tuple[np.ndarray, float, dict[float | None, list[np.ndarray]]]:
-    """(good rows (G,) of the realization's STAR, data scale^2, {band: [q, q_rot, q_pose, crlb]}
-    each (G,) at unit scale) for one seed; band: resolution in Å (None: full band)."""
+                       ) -> tuple[np.ndarray, float, float, dict[float | None, list[np.ndarray]]]:
+    """(good rows (G,) of the realization's STAR, data scale^2, var t over them, {band: [q, q_rot,
+    q_pose, crlb]} each (G,) at unit scale) for one seed; band: resolution in Å (None: full band)."""
     model, plan = sd._model(p, seed), sd._plan(p, seed)
     D = p.box
     radius = sd._particle_radius(model, p)
@@ -107,9 +107,7 @@ def motion_information(p: sd.Preset, seed: int, res_list: list[float | None]
         R, sh = plan.R[rows], plan.shift[rows]
         own = project_atoms(atoms, R, sh, D).astype(np.float64)
         var1[rows] = disk_signal_variance(apply_ctf(own.astype(np.float32), ctf), radius)
-        ends = [particle_atoms(model.phantom, model.states, plan.state[rows], np.full(len(rows), s * sd._T_STEP),
-                               model.motion) for s in (1, -1)]
-        dv = project_difference(ends[0], ends[1], R, sh, D) / (2 * sd._T_STEP)
+        dv = sd.motion_projections(model, p, plan, rows)
         rot = [project_atoms(atoms, R @ T, sh, D) for T in turns]
         pose = [(rot[2 * j] - rot[2 * j + 1]) / (2 * EPS) for j in range(3)] + shift_derivatives(own)
         for res in res_list:
@@ -117,14 +115,14 @@ def motion_information(p: sd.Preset, seed: int, res_list: list[float | None]
             vecs = [weighted_fourier(img, ctf, r_max) for img in (dv, *pose)]
             for acc, val in zip(infos[res], information(vecs), strict=True):
                 acc[rows] = val
-    return good, float(p.snr / var1[good].mean()), {res: [a[good] for a in v] for res, v in infos.items()}
+    return (good, float(p.snr / var1[good].mean()), float(plan.t[good].var()),
+            {res: [a[good] for a in v] for res, v in infos.items()})
 
 
 def realization(p: sd.Preset, seed: int, res_list: list[float | None]) -> dict[str, float]:
     """rho with true / fitted poses, median kept fraction of q and median rotation CRLB (deg) for
     one seed, per band (None: full band)."""
-    good, scale2, infos = motion_information(p, seed, res_list)
-    var_t = sd._plan(p, seed).t[good].var()
+    _, scale2, var_t, infos = motion_information(p, seed, res_list)
     out = {}
     for res, (q, q_rot, q_pose, crlb) in infos.items():
         tag = "full" if res is None else f"{res:g}A"

@@ -274,11 +274,16 @@ def _oracles(model: _Model, p: Preset, plan: _Plan, rows: np.ndarray, atoms: Ato
                 d2[sel, b] = noise_weighted_power(diff, ctf[sel], 1.0)
     q = np.zeros(len(rows))
     if model.motion is not None:
-        ends = [particle_atoms(model.phantom, model.states, plan.state[rows],
-                               np.full(len(rows), s * _T_STEP), model.motion) for s in (1, -1)]
-        dv = project_difference(ends[0], ends[1], R, sh, p.box) / (2 * _T_STEP)
-        q = noise_weighted_power(dv, ctf, 1.0)
+        q = noise_weighted_power(motion_projections(model, p, plan, rows), ctf, 1.0)
     return d2, q
+
+
+def motion_projections(model: _Model, p: Preset, plan: _Plan, rows: np.ndarray) -> np.ndarray:
+    """Projections (n, D, D), unit scale, no CTF, of dV/dt at t = 0 (central difference over
+    +-_T_STEP) of each row's state, at its pose (the §11.4 oracle's signal)."""
+    ends = [particle_atoms(model.phantom, model.states, plan.state[rows], np.full(len(rows), s * _T_STEP),
+                           model.motion) for s in (1, -1)]
+    return project_difference(ends[0], ends[1], plan.R[rows], plan.shift[rows], p.box) / (2 * _T_STEP)
 
 
 def _paste(mic: np.ndarray, images: np.ndarray, coords: np.ndarray, D: int) -> None:

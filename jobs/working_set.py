@@ -9,10 +9,14 @@ particles are read.
 Pre-read [I] (RELION's "Pre-read all particles into RAM?", here of the cropped transforms): when
 the transforms of all N particles at the working box, N x D x (D//2 + 1) complex64, fit in
 ``PREREAD_FRACTION`` of ``backend.memory_budget_bytes`` (available RAM, or free GPU memory with
-CuPy), ``load`` keeps each particle's transform after its first read, so the iterations of a job
-read and crop every image once instead of once per pass (demo var_3d, 5,390 particles at box 30:
-~25 MB, and the per-pass reading and cropping was ~20% of the job). Larger sets stream as before;
-the values are the same either way (each image is transformed on its own).
+CuPy) when the job starts, ``load`` keeps each particle's transform after its first read, so the
+iterations of a job read and crop every image once instead of once per pass (demo var_3d, 5,390
+particles at box 30: 21 MB, and the per-pass reading and cropping was ~20% of the job; class_2d's
+full passes use ``stream`` and still read). Larger sets stream as before. Each image is
+transformed on its own, so on NumPy the values are bit-identical either way (on CuPy equal to FFT
+rounding). The cap is per job: jobs running at once each take up to their 20%. DESIGN.md's "a job
+never loads a whole particle stack" holds for the stacks; this bounded copy of the band-limited
+working set is the exception.
 """
 
 from __future__ import annotations
@@ -92,7 +96,8 @@ class WorkingSet:
 
     def transforms(self, idx: np.ndarray) -> Any:
         """``rfft2c`` of the working-box images of particles idx (B, D, D//2+1) complex64, pre-read
-        when they fit (module doc)."""
+        when they fit (module doc). idx: host integer array, any order, repeats allowed; the result
+        is a copy. Not thread-safe (the loaders are called from one thread)."""
         xp = self.xp
         if self._fts is None:
             return rfft2c(xp.asarray(self.images(idx), dtype=xp.float32))

@@ -1,5 +1,5 @@
-"""WorkingSet: the pre-read working-box transforms give the values of a plain read, and a set too
-large for the memory budget streams."""
+"""WorkingSet: the pre-read working-box transforms give the values of a plain read and are not read
+again, and a set too large for the memory budget streams."""
 
 from __future__ import annotations
 
@@ -34,3 +34,8 @@ def test_load_equals_plain_read(imported, monkeypatch, budget: int) -> None:
         np.testing.assert_array_equal(X, plain)
         np.testing.assert_array_equal(C, src.ctf(idx, band))
     assert src._read.sum() == (ps.count if budget > 1 else 0)
+    reads = []
+    read = src.images
+    monkeypatch.setattr(src, "images", lambda idx: reads.append(len(idx)) or read(idx))
+    src.load(np.arange(ps.count), band)
+    assert reads == ([] if budget > 1 else [ps.count])
