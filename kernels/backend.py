@@ -13,12 +13,14 @@ backend raises ``RuntimeError`` instead of silently computing in TF32.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -147,15 +149,37 @@ def batch_size_for(
     return int(max(n, minimum))
 
 
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs granted by the cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu/cpu.cfs_quota_us`` over
+    ``cfs_period_us``) under root; None without a quota or a readable cgroup."""
+    try:
+        if (root / "cpu.max").is_file():
+            quota, period = (root / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        v1 = root / "cpu"
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        return None if quota_us <= 0 else quota_us / int((v1 / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may keep busy: those it may run on (affinity), capped by the cgroup CPU
+    quota rounded up (a container limited to 2 CPUs on a 64-core host counts 2)."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota()
+    return max(1, cpus if quota is None else min(cpus, math.ceil(quota)))
+
+
 def host_threads() -> int:
-    """Threads for host (NumPy) batch loops: ``CRYODAG_THREADS`` or the CPUs this process may
-    run on (NumPy releases the GIL in the gathers, element-wise maths and GEMMs of a batch)."""
+    """Threads for host (NumPy) batch loops: ``CRYODAG_THREADS`` or ``usable_cpus()`` (NumPy
+    releases the GIL in the gathers, element-wise maths and GEMMs of a batch)."""
     raw = os.environ.get(_THREADS_ENV, "").strip()
     if raw:
         if not raw.isdigit() or int(raw) < 1:
             raise RuntimeError(f"{_THREADS_ENV} must be a positive integer, got {raw!r}")
         return int(raw)
-    return max(1, len(os.sched_getaffinity(0)))
+    return usable_cpus()
 
 
 def batch_slices(n: int, step: int, xp: ModuleType) -> list[slice]:

@@ -1,5 +1,5 @@
 """Settings for every test session: offline Prefect, the NumPy backend, one thread per `pytest -n`
-worker, and the order in which files reach the workers."""
+worker, the worker count of `-n auto`, and the order in which files reach the workers."""
 
 from __future__ import annotations
 
@@ -15,6 +15,14 @@ os.environ.setdefault("CRYODAG_BACKEND", "numpy")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (pytest -n): each single-threaded
     for _name in ("CRYODAG_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_name, "1")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``pytest -n auto``: ``backend.usable_cpus()`` (affinity and cgroup CPU quota), not
+    xdist's count of physical cores, which ignores a container's CPU quota."""
+    from kernels.backend import usable_cpus
+
+    return usable_cpus()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -44,7 +44,29 @@ def test_host_threads_env(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RuntimeError, match="CRYODAG_THREADS must be a positive integer"):
         backend.host_threads()
     monkeypatch.delenv("CRYODAG_THREADS")
-    assert backend.host_threads() == len(os.sched_getaffinity(0))
+    assert backend.host_threads() == backend.usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_cgroup_quota_caps_usable_cpus(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert backend.cgroup_cpu_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert backend.cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert backend.cgroup_cpu_quota(tmp_path / "v1") is None
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    assert backend.cgroup_cpu_quota(tmp_path / "v1") == 3.0
+    assert backend.cgroup_cpu_quota(tmp_path / "none") is None
+    monkeypatch.setattr(backend.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(backend, "cgroup_cpu_quota", lambda: 1.5)
+    assert backend.usable_cpus() == 2
+    monkeypatch.setattr(backend, "cgroup_cpu_quota", lambda: None)
+    assert backend.usable_cpus() == 64
 
 
 def test_batch_slices_cover_range_and_feed_every_thread(monkeypatch: pytest.MonkeyPatch) -> None:
