@@ -4,9 +4,9 @@ algorithms.md §3; engine in kernels/classify2d.py. Particles are Fourier-croppe
 box whose Nyquist just exceeds `max_res_A` (band r_max = floor(D a / max_res_A) shells), so
 the class averages come out at that box and pixel size. O-EM batches (K x
 `batch_size_per_class` random particles, per-epoch permutations from the seed) are read by
-index from the stacks; full iterations stream the set in STAR order with
-`jobs.particles.iter_batches`. Only one batch and the model are in memory (plus per-particle
-scalars: the scale alpha and the outputs).
+index from the stacks; full iterations stream the set in STAR order (`WorkingSet.stream`). Only
+one batch and the model are in memory (plus per-particle scalars: the scale alpha and the
+outputs), and the working-box transforms when they fit the pre-read budget (jobs/working_set.py).
 
 Shift search: integer shifts within a disc of radius `offset_range_A` (default min(20 px,
 0.15 D) at the working box; at least 1 px), Gaussian prior of half that width, sub-pixel by
@@ -168,8 +168,7 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
         if (t + 1) % params.checkpoint_every == 0 or t + 1 == params.num_oem_iterations:
             _save(ctx, clf, em, t)
     for f in range(params.num_final_full_iterations):
-        out = em.full_iteration((idx, src.band_data(im, clf.band), src.ctf(idx, clf.band))
-                                for idx, im in src.stream(params.chunk_size))
+        out = em.full_iteration(src.stream(params.chunk_size, clf.band))
         _metrics(ctx, clf, out, params.num_oem_iterations + f, N)
         ctx.progress("iterations", params.num_oem_iterations + f + 1, total)
 

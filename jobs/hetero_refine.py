@@ -166,7 +166,7 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     ctx.log.info(f"online EM {'converged' if converged else 'stopped'} after {t + 1} iterations")
     band = Band(D, eng.r)
     for f in range(params.num_final_full_iters):
-        out = eng.full_iteration(((idx, *src.load(idx, band)) for idx in _chunks(N, params.chunk_size, ctx)), band)
+        out = eng.full_iteration(src.stream(params.chunk_size, band), band)
         ctx.metric("class_fractions", [round(float(x), 4) for x in eng.pi], t + 1 + f)
     particles = _particles_out(ctx, tables, ps, out, a)
 
@@ -192,13 +192,6 @@ def run(params: Params, inputs: dict, ctx: JobContext) -> dict[str, Any]:
     ctx.metric("class_sizes", counts.tolist())
     ctx.metric("class_resolution_A", [round(float(r), 2) for r in eng.resolution])
     return {"volumes": volumes, "particles": particles}
-
-
-def _chunks(n: int, chunk: int, ctx: JobContext) -> Any:
-    for i in range(0, n, chunk):
-        ctx.check_cancelled()
-        ctx.progress("full pass", min(i + chunk, n), n)
-        yield np.arange(i, min(i + chunk, n))
 
 
 JOB = JobType(

@@ -11,8 +11,8 @@ the transforms of all N particles at the working box, N x D x (D//2 + 1) complex
 ``PREREAD_FRACTION`` of ``backend.memory_budget_bytes`` (available RAM, or free GPU memory with
 CuPy) when the job starts, ``load`` keeps each particle's transform after its first read, so the
 iterations of a job read and crop every image once instead of once per pass (demo var_3d, 5,390
-particles at box 30: 21 MB, and the per-pass reading and cropping was ~20% of the job; class_2d's
-full passes use ``stream`` and still read). Larger sets stream as before. Each image is
+particles at box 30: 21 MB, and the per-pass reading and cropping was ~20% of the job). Larger
+sets are read again in every pass, as before. Each image is
 transformed on its own, so on NumPy the values are bit-identical either way (on CuPy equal to FFT
 rounding). The cap is per job: jobs running at once each take up to their 20%. DESIGN.md's "a job
 never loads a whole particle stack" holds for the stacks; this bounded copy of the band-limited
@@ -33,7 +33,7 @@ from jobs.context import JobContext
 from jobs.errors import JobInputError
 from jobs.io.mrc import StackReader
 from jobs.io.star import ParticleTables
-from jobs.particles import image_locations, iter_batches
+from jobs.particles import image_locations
 from kernels.backend import memory_budget_bytes, to_device
 from kernels.ctf import ctf_2d
 from kernels.fourier import Band, fourier_crop, rfft2c
@@ -56,10 +56,10 @@ def working_geometry(box: int, pixel_size: float, max_res_A: float) -> tuple[int
 class WorkingSet:
     """The particles of ``ps`` at working box D (pixel size Å) on array module xp.
 
-    ``images(idx)`` -> (B, D, D) float32; ``band_data(images, band)`` -> X (B, nF) complex64;
-    ``ctf(idx, band)`` -> (B, nF) float32; ``load(idx, band)`` -> both, from the pre-read
-    transforms when they fit (module doc); ``stream(chunk)`` yields (indices, images) in STAR
-    order with progress and cancellation through ctx.
+    ``images(idx)`` -> (B, D, D) float32; ``ctf(idx, band)`` -> C (B, nF) float32;
+    ``load(idx, band)`` -> (X (B, nF) complex64, C), from the pre-read transforms when they fit
+    (module doc); ``stream(chunk, band)`` yields (indices, X, C) in STAR order with progress and
+    cancellation through ctx.
     """
 
     def __init__(self, ps: ParticleSet, tables: ParticleTables, ctx: JobContext, D: int,
@@ -83,9 +83,6 @@ class WorkingSet:
         with StackReader() as reader:
             return self._crop(reader.gather(self.paths[idx], self.index[idx]))
 
-    def band_data(self, images: Any, band: Band) -> Any:
-        return band.gather(rfft2c(self.xp.asarray(images, dtype=self.xp.float32)))
-
     def ctf(self, idx: np.ndarray, band: Band) -> Any:
         c, xp = self._ctf, self.xp
         return ctf_2d(self.D, self.pixel_size, *(xp.asarray(c[k][idx]) for k in CTF_COLUMNS[:3]),
@@ -99,11 +96,15 @@ class WorkingSet:
         when they fit (module doc). idx: host integer array, any order, repeats allowed; the result
         is a copy. Not thread-safe (the loaders are called from one thread)."""
         xp = self.xp
+
+        def read(rows: np.ndarray) -> Any:
+            return rfft2c(xp.asarray(self.images(rows), dtype=xp.float32))
+
         if self._fts is None:
-            return rfft2c(xp.asarray(self.images(idx), dtype=xp.float32))
+            return read(idx)
         new = np.unique(idx[~self._read[idx]])
         if new.size:
-            self._fts[xp.asarray(new)] = rfft2c(xp.asarray(self.images(new), dtype=xp.float32))
+            self._fts[xp.asarray(new)] = read(new)
             self._read[new] = True
         return self._fts[xp.asarray(idx)]
 
@@ -111,9 +112,12 @@ class WorkingSet:
         """(X, C) of particles idx on ``band``."""
         return band.gather(self.transforms(idx)), self.ctf(idx, band)
 
-    def stream(self, chunk: int, label: str = "full pass") -> Iterator[tuple[np.ndarray, Any]]:
+    def stream(self, chunk: int, band: Band, label: str = "full pass") -> Iterator[tuple[np.ndarray, Any, Any]]:
+        """(indices, X, C) of all particles in STAR order, ``chunk`` at a time through ``load``,
+        with progress and cancellation through ctx."""
         n = self.ps.count
-        for idx, images, _ in iter_batches(self.ps, self.ctx.project_dir, chunk):
+        for start in range(0, n, chunk):
             self.ctx.check_cancelled()
+            idx = np.arange(start, min(start + chunk, n))
             self.ctx.progress(label, int(idx[-1]) + 1, n)
-            yield idx, self._crop(images)
+            yield idx, *self.load(idx, band)

@@ -1,5 +1,5 @@
 """WorkingSet: the pre-read working-box transforms give the values of a plain read and are not read
-again, and a set too large for the memory budget streams."""
+again (also by ``stream``), and a set too large for the memory budget is read in every pass."""
 
 from __future__ import annotations
 
@@ -39,3 +39,7 @@ def test_load_equals_plain_read(imported, monkeypatch, budget: int) -> None:
     monkeypatch.setattr(src, "images", lambda idx: reads.append(len(idx)) or read(idx))
     src.load(np.arange(ps.count), band)
     assert reads == ([] if budget > 1 else [ps.count])
+    idx, X, C = (np.concatenate(parts) for parts in zip(*src.stream(17, band), strict=True))
+    np.testing.assert_array_equal(idx, np.arange(ps.count))
+    np.testing.assert_array_equal(X, plain)
+    np.testing.assert_array_equal(C, src.ctf(idx, band))
