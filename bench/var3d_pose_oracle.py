@@ -37,10 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jobs import simulated_dataset as sd  # noqa: E402
-from kernels.fourier import freqs_2d, rfft2c  # noqa: E402
+from kernels.fourier import rfft2c  # noqa: E402
 from kernels.phantom import (  # noqa: E402
     apply_ctf,
     disk_signal_variance,
+    half_plane_weights,
     particle_atoms,
     project_atoms,
 )
@@ -55,12 +56,9 @@ def weighted_fourier(images: np.ndarray, ctf: np.ndarray, r_max: float) -> np.nd
     CTF-modulated images (N, D, D) over 0 < |k| < r_max (unit real-space noise variance; as
     ``phantom.noise_weighted_power``)."""
     D = images.shape[-1]
-    F = rfft2c(images) * ctf
-    ky, kx = freqs_2d(D)
-    r2 = kx**2 + ky**2
-    w = np.where(kx == 0, 1.0, 2.0) * ((r2 > 0) & (r2 < r_max**2)) / (D * D)
+    w = half_plane_weights(D, r_max) / (D * D)
     keep = w > 0
-    v = F[:, keep] * np.sqrt(w[keep])
+    v = (rfft2c(images) * ctf)[:, keep] * np.sqrt(w[keep])
     return np.concatenate([v.real, v.imag], axis=1)
 
 

@@ -278,6 +278,14 @@ def disk_signal_variance(images: np.ndarray, radius_px: float) -> np.ndarray:
     return vals.var(axis=1)
 
 
+def half_plane_weights(D: int, r_max: float | None = None, xp=np) -> np.ndarray:
+    """Weights (D, D//2+1) of the half-plane FT pixels with 0 < |k| < r_max (default D/2): 1 on
+    the kx = 0 column, 2 elsewhere (each stands for itself and its Hermitian mate), 0 outside."""
+    ky, kx = freqs_2d(D, xp)
+    r2 = kx**2 + ky**2
+    return xp.where(kx == 0, 1.0, 2.0) * ((r2 > 0) & (r2 < (D / 2 if r_max is None else r_max) ** 2))
+
+
 def noise_weighted_power(
     images: np.ndarray, ctf: np.ndarray | None, noise_var: float
 ) -> np.ndarray:
@@ -289,10 +297,7 @@ def noise_weighted_power(
     F = rfft2c(images)
     if ctf is not None:
         F = F * ctf
-    ky, kx = freqs_2d(D, xp)
-    r2 = kx**2 + ky**2
-    w = xp.where(kx == 0, 1.0, 2.0) * ((r2 > 0) & (r2 < (D / 2) ** 2))
-    return (xp.abs(F) ** 2 * w).sum(axis=(-2, -1)) / (D * D * noise_var)
+    return (xp.abs(F) ** 2 * half_plane_weights(D, xp=xp)).sum(axis=(-2, -1)) / (D * D * noise_var)
 
 
 def blob_images(n: int, D: int, rng: np.random.Generator, radius_px: float) -> np.ndarray:
